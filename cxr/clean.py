@@ -1,0 +1,181 @@
+"""The clean stage's logic: decode every record in parallel, drop what cannot be used (each drop listed
+with its reason), remove exact and near duplicates, and store the kept pixels in a few shard files."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import imagehash
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from . import images
+from .sources import Drop, Record
+
+log = logging.getLogger("clean")
+
+
+@dataclass
+class Decoded:
+    record: Record
+    pixels: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    sha256: str = ""
+    phash: int = 0
+    error: Drop | None = None
+
+
+def _decode_one(args) -> Decoded:
+    raw, rec, size, mode, max_pixels = args
+    path = Path(raw) / rec.file
+    try:
+        pixels = images.decode(path, size, mode, max_pixels)
+        mask = None
+        if rec.mask:
+            mask = images.decode(Path(raw) / rec.mask, size, mode, max_pixels) >= 128
+    except images.DecodeError as err:
+        return Decoded(rec, error=Drop(rec.file, err.reason, err.detail))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    phash = int(str(imagehash.phash(Image.fromarray(pixels))), 16)
+    return Decoded(rec, pixels, mask, digest, phash)
+
+
+def decode_all(raw: Path, records: list[Record], size: int, mode: str, max_pixels: int, workers: int) -> list[Decoded]:
+    """Decode every record, in parallel over `workers` processes (0 = all cores), in input order."""
+    workers = workers or os.cpu_count() or 1
+    jobs = [(str(raw), r, size, mode, max_pixels) for r in records]
+    if workers == 1 or len(jobs) < 64:
+        return [_decode_one(j) for j in jobs]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(_decode_one, jobs, chunksize=max(1, min(64, len(jobs) // (4 * workers)))))
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise Hamming distances between two vectors of 64-bit hashes (len(a) x len(b))."""
+    return np.bitwise_count(a[:, None] ^ b[None, :]).astype(np.int16)
+
+
+def close_pairs(hashes: np.ndarray, max_distance: int, block: int = 2048):
+    """Yield (i, j, d) for i < j with Hamming distance d <= max_distance, in blocks to bound memory."""
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    if max_distance < 0:
+        return
+    for start in range(0, len(hashes), block):
+        d = hamming(hashes[start : start + block], hashes)
+        ii, jj = np.nonzero(d <= max_distance)
+        for i, j in zip(ii + start, jj):
+            if i < j:
+                yield int(i), int(j), int(d[i - start, j])
+
+
+class UnionFind:
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, i: int, j: int) -> None:
+        ri, rj = self.find(i), self.find(j)
+        if ri != rj:
+            self.parent[max(ri, rj)] = min(ri, rj)
+
+    def groups(self) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for i in range(len(self.parent)):
+            out.setdefault(self.find(i), []).append(i)
+        return out
+
+
+def _dedupe_clusters(items: list[Decoded], clusters: list[list[int]], reason: str, why) -> tuple[set[int], list[Drop]]:
+    """Keep the first member (by file name) of each cluster; drop the others, or all where labels conflict."""
+    dropped, drops = set(), []
+    for members in clusters:
+        if len(members) < 2:
+            continue
+        members = sorted(members, key=lambda i: items[i].record.file)
+        labels = {items[i].record.label for i in members}
+        keep = members[0]
+        for i in members if len(labels) > 1 else members[1:]:
+            dropped.add(i)
+            other = items[keep if i != keep else members[1]].record.file
+            if len(labels) > 1:
+                drops.append(Drop(items[i].record.file, "conflicting_labels", f"same image as {other} with labels {sorted(labels)}"))
+            else:
+                drops.append(Drop(items[i].record.file, reason, why(i, keep)))
+    return dropped, drops
+
+
+def deduplicate(items: list[Decoded], near_distance: int) -> tuple[list[Decoded], list[Drop]]:
+    """Drop exact duplicates (same file bytes), then near-duplicates (perceptual-hash distance <= near_distance)."""
+    by_hash: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        by_hash.setdefault(it.sha256, []).append(i)
+    gone, drops = _dedupe_clusters(items, list(by_hash.values()), "exact_duplicate", lambda i, k: f"same bytes as {items[k].record.file}")
+    rest = [i for i in range(len(items)) if i not in gone]
+    uf = UnionFind(len(rest))
+    hashes = np.array([items[i].phash for i in rest], dtype=np.uint64)
+    for a, b, _ in close_pairs(hashes, near_distance):
+        uf.union(a, b)
+    clusters = [[rest[m] for m in ms] for ms in uf.groups().values()]
+    gone2, drops2 = _dedupe_clusters(
+        items, clusters, "near_duplicate",
+        lambda i, k: f"perceptual-hash distance {int(np.bitwise_count(np.uint64(items[i].phash ^ items[k].phash)))} to {items[k].record.file}",
+    )
+    kept = [items[i] for i in rest if i not in gone2]
+    return kept, drops + drops2
+
+
+def write_shards(kept: list[Decoded], out: Path, shard_size: int) -> pd.DataFrame:
+    """Pixels in `images-NNNNN.npy` (uint8, N x S x S), masks alongside where present; returns the manifest."""
+    rows = []
+    has_masks = any(it.mask is not None for it in kept)
+    for s, start in enumerate(range(0, len(kept), shard_size)):
+        chunk = kept[start : start + shard_size]
+        np.save(out / f"images-{s:05d}.npy", np.stack([it.pixels for it in chunk]))
+        if has_masks:
+            blank = np.zeros_like(chunk[0].pixels, dtype=bool)
+            np.save(out / f"masks-{s:05d}.npy", np.stack([it.mask if it.mask is not None else blank for it in chunk]))
+        for k, it in enumerate(chunk):
+            r = it.record
+            rows.append({"file": r.file, "label": r.label, "group": r.group, "sha256": it.sha256,
+                         "phash": f"{it.phash:016x}", "shard": s, "index": k, "has_mask": it.mask is not None})
+    return pd.DataFrame(rows, columns=["file", "label", "group", "sha256", "phash", "shard", "index", "has_mask"])
+
+
+def summarize(n_records: int, source_drops: list[Drop], stage_drops: list[Drop], manifest: pd.DataFrame, classes: list[str]) -> dict:
+    """Counts that add up: seen (records + files the source layout rejects) = kept + dropped."""
+    drops = source_drops + stage_drops
+    reasons: dict[str, int] = {}
+    for d in drops:
+        reasons[d.reason] = reasons.get(d.reason, 0) + 1
+    out = {"seen": n_records + len(source_drops), "kept": len(manifest), "dropped": len(drops),
+           "dropped_by_reason": dict(sorted(reasons.items())),
+           "kept_by_class": {c: int((manifest["label"] == c).sum()) for c in classes}}
+    if out["seen"] != out["kept"] + out["dropped"]:
+        raise AssertionError(f"clean counts do not add up: {out}")
+    return out
+
+
+def run(raw: Path, out: Path, records: list[Record], source_drops: list[Drop], classes: list[str], cfg: dict) -> tuple[dict, pd.DataFrame]:
+    """Decode, drop, deduplicate and write shards + manifest.csv into `out` (an empty folder).
+    Returns (summary counts, dropped-files table)."""
+    decoded = decode_all(raw, records, cfg["image_size"], cfg["resize"], cfg["max_pixels"], cfg["workers"])
+    failed = [d.error for d in decoded if d.error is not None]
+    ok = [d for d in decoded if d.error is None]
+    kept, dup_drops = deduplicate(ok, cfg["near_duplicate_distance"])
+    kept.sort(key=lambda d: d.record.file)
+    manifest = write_shards(kept, out, cfg["shard_size"])
+    manifest.to_csv(out / "manifest.csv", index=False, lineterminator="\n")
+    summary = summarize(len(records), source_drops, failed + dup_drops, manifest, classes)
+    dropped = pd.DataFrame([vars(d) for d in source_drops + failed + dup_drops], columns=["file", "reason", "detail"])
+    dropped = dropped.sort_values(["reason", "file"], kind="stable").reset_index(drop=True)
+    return summary, dropped

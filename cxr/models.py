@@ -1,0 +1,136 @@
+"""Models: a keras.applications backbone with its preprocessing inside, raw 0-255 grayscale in.
+
+    image (S, S, 1) raw 0..255
+      -> gray_to_rgb  (fixed 1x1 conv, copies the channel three times)
+      -> preprocess   (the backbone's own `preprocess_input` convention, as plain Keras layers)
+      -> backbone     (nested keras.applications model; its output is the last 4-D conv feature map)
+      -> pool -> dropout -> predictions (softmax, float32)
+
+A plain chain of standard layers: no Lambda, so models load with safe_mode on, and Grad-CAM can split
+the chain at the backbone. Binary tasks use a 2-way softmax so evaluation has one code path.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from .errors import UserError
+
+log = logging.getLogger("models")
+
+BACKBONES = {
+    "mobilenetv2": "MobileNetV2",
+    "efficientnetb0": "EfficientNetB0",
+    "resnet50": "ResNet50",
+    "densenet121": "DenseNet121",
+}
+_CAFFE_MEAN = [103.939, 116.779, 123.68]
+_TORCH_MEAN, _TORCH_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def preprocess_layers(arch: str) -> list[keras.layers.Layer]:
+    """The arch's keras.applications `preprocess_input`, as serialisable layers (input: RGB 0..255)."""
+    if arch == "mobilenetv2":  # 'tf' mode: scale to [-1, 1]
+        return [keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")]
+    if arch == "efficientnetb0":  # the backbone rescales and normalises inside itself
+        return []
+    if arch == "resnet50":  # 'caffe' mode: BGR, mean-centred; channels are equal, so only the mean matters
+        return [keras.layers.Normalization(mean=_CAFFE_MEAN[::-1], variance=[1.0] * 3, name="preprocess")]
+    if arch == "densenet121":  # 'torch' mode
+        return [keras.layers.Rescaling(1 / 255.0, name="preprocess_scale"),
+                keras.layers.Normalization(mean=_TORCH_MEAN, variance=np.square(_TORCH_STD).tolist(), name="preprocess")]
+    raise UserError(f"unknown model.arch {arch!r}; choose one of {', '.join(BACKBONES)}")
+
+
+def _weights_arg(weights: str, arch: str) -> str | None:
+    if weights == "none":
+        return None
+    if weights == "imagenet":
+        return "imagenet"
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise UserError(f"model.weights: {weights} is not a file (use imagenet, none, or a path to {arch} ImageNet weights, include_top=False)")
+    return str(path)
+
+
+def backbone(arch: str, image_size: int, weights: str, alpha: float = 1.0) -> keras.Model:
+    """The keras.applications backbone without its top, input (S, S, 3) preprocessed pixels."""
+    cls = getattr(keras.applications, BACKBONES[arch])
+    kwargs = {"alpha": alpha} if arch == "mobilenetv2" else {}
+    w = _weights_arg(weights, arch)
+    try:
+        net = cls(include_top=False, weights=w, input_shape=(image_size, image_size, 3), **kwargs)
+    except ValueError as err:
+        raise UserError(f"{arch} cannot use these weights or this input: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # network errors from the weights download come in many types
+        if w != "imagenet":
+            raise
+        raise UserError(
+            f"cannot download ImageNet weights for {arch} ({type(err).__name__}: {str(err).splitlines()[0][:150] if str(err) else ''}). "
+            "Offline? Set model.weights to a local weights file (keras.applications format, include_top=False), "
+            "e.g. -S model.weights=path/to/mobilenet_v2_imagenet_1.0_224_no_top.h5, or to none"
+        ) from None
+    net.name = "backbone"
+    return net
+
+
+def build(arch: str, num_classes: int, image_size: int, weights: str = "imagenet", alpha: float = 1.0, dropout: float = 0.2) -> keras.Model:
+    """The full classifier with a frozen backbone (the baseline's starting point)."""
+    net = backbone(arch, image_size, weights, alpha)
+    net.trainable = False
+    inputs = keras.Input((image_size, image_size, 1), name="image")
+    gray_to_rgb = keras.layers.Conv2D(3, 1, use_bias=False, kernel_initializer="ones", trainable=False, name="gray_to_rgb")
+    x = gray_to_rgb(inputs)
+    for layer in preprocess_layers(arch):
+        x = layer(x)
+    x = net(x, training=False)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
+    return keras.Model(inputs, outputs, name=f"cxr_{arch}")
+
+
+def get_backbone(model: keras.Model) -> keras.Model:
+    return model.get_layer("backbone")
+
+
+def feature_extractor(model: keras.Model) -> keras.Model:
+    """Everything up to the pooled features (what the frozen baseline can cache)."""
+    return keras.Model(model.inputs, model.get_layer("pool").output, name="features")
+
+
+def head(model: keras.Model) -> keras.Model:
+    """The trainable head on pooled features; shares its layers (and weights) with `model`."""
+    pool = model.get_layer("pool")
+    inp = keras.Input(pool.output.shape[1:], name="features")
+    out = model.get_layer("predictions")(model.get_layer("dropout")(inp))
+    return keras.Model(inp, out, name="head")
+
+
+def unfreeze_top(model: keras.Model, n: int) -> int:
+    """Make the top n backbone layers trainable, BatchNorm excluded (frozen BN runs in inference mode).
+    Returns how many layers became trainable."""
+    net = get_backbone(model)
+    net.trainable = True
+    layers = net.layers
+    cut = max(0, len(layers) - n)
+    count = 0
+    for i, layer in enumerate(layers):
+        train = i >= cut and not isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = train
+        count += train and bool(layer.weights)
+    return count
+
+
+def load(path: str | Path) -> keras.Model:
+    """Load a saved model (safe_mode on). A missing or wrong file is one clear UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file {path} not found (run `dvc repro` or `dvc pull`, or pass --model)")
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as err:
+        raise UserError(f"{path} is not a loadable Keras model: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}") from None

@@ -1,0 +1,29 @@
+"""Every path the pipeline reads or writes, named once. dvc.yaml uses the same strings."""
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+
+RAW = Path("data/raw")                 # download: the dataset as published
+CLEAN = Path("data/clean")             # clean: image shards + manifest.csv
+CLEAN_MANIFEST = CLEAN / "manifest.csv"
+SPLIT = Path("data/split.csv")         # split: file, label, group, split
+
+MODELS = Path("models")
+BASELINE = MODELS / "baseline.keras"
+FINETUNED = MODELS / "finetuned.keras"
+FEATURES = Path("data/features")      # train: cached frozen-backbone features
+
+METRICS = Path("metrics")
+PLOTS = Path("plots")
+REPORTS = Path("reports")
+
+DOWNLOAD_RECORD = METRICS / "download.json"
+CLEAN_METRICS = METRICS / "clean.json"
+CLEAN_DROPPED = REPORTS / "clean_dropped.csv"
+SPLIT_METRICS = METRICS / "split.json"
+
+
+def sidecar(model_path: Path, kind: str) -> Path:
+    """Metadata stored beside a model: `models/finetuned.keras` -> `models/finetuned.<kind>.json`."""
+    model_path = Path(model_path)
+    return model_path.with_name(f"{model_path.stem}.{kind}.json")

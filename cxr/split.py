@@ -1,0 +1,92 @@
+"""The split stage's logic: stratified train/val/test, grouped so that no patient and no cluster of
+near-duplicate images ends up in two splits."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+
+from .clean import UnionFind, close_pairs
+
+SPLITS = ("train", "val", "test")
+
+
+def phashes(manifest: pd.DataFrame) -> np.ndarray:
+    return np.array([int(h, 16) for h in manifest["phash"]], dtype=np.uint64)
+
+
+def merge_groups(manifest: pd.DataFrame, max_distance: int) -> pd.Series:
+    """One group id per row: rows share a group when they share a source group (patient) or are
+    within `max_distance` perceptual-hash bits of each other, transitively."""
+    n = len(manifest)
+    uf = UnionFind(n)
+    for _, idx in manifest.groupby("group", sort=False).indices.items():
+        for i in idx[1:]:
+            uf.union(idx[0], i)
+    for i, j, _ in close_pairs(phashes(manifest), max_distance):
+        uf.union(i, j)
+    roots = [uf.find(i) for i in range(n)]
+    # Name each merged group after the smallest source group in it: stable for the same data.
+    name = {}
+    for i, r in enumerate(roots):
+        g = manifest["group"].iat[i]
+        name[r] = min(name.get(r, g), g)
+    return pd.Series([name[r] for r in roots], index=manifest.index, name="group")
+
+
+def assign(labels: pd.Series, groups: pd.Series, fractions: dict[str, float], seed: int) -> pd.Series:
+    """Greedy stratified group assignment: groups in a seeded random order, largest first; each goes
+    to the split whose per-class counts are furthest below their targets."""
+    classes = sorted(labels.unique())
+    counts = pd.crosstab(groups, labels).reindex(columns=classes, fill_value=0)
+    order = np.random.default_rng(seed).permutation(len(counts))
+    counts = counts.iloc[order]
+    counts = counts.iloc[np.argsort(-counts.sum(axis=1).to_numpy(), kind="stable")]
+    names = list(fractions)
+    target = np.outer([fractions[s] for s in names], counts.sum(axis=0).to_numpy()).astype(float)
+    have = np.zeros_like(target)
+    where = {}
+    for g, c in zip(counts.index, counts.to_numpy()):
+        need = ((target - have) / np.maximum(target, 1.0)) @ c
+        s = int(np.argmax(need))
+        have[s] += c
+        where[g] = names[s]
+    return groups.map(where).rename("split")
+
+
+def make_split(manifest: pd.DataFrame, val: float, test: float, seed: int, group_distance: int) -> pd.DataFrame:
+    """The split manifest: file, label, group, split (rows in manifest order)."""
+    out = manifest[["file", "label"]].copy()
+    out["group"] = merge_groups(manifest, group_distance)
+    out["split"] = assign(out["label"], out["group"], {"train": 1 - val - test, "val": val, "test": test}, seed)
+    return out
+
+
+def leakage(split: pd.DataFrame, manifest: pd.DataFrame, max_distance: int) -> dict:
+    """Independent check of the result: shared patients, files, identical content or near-duplicate
+    pairs across splits. Every count must be 0."""
+    m = manifest.set_index("file").loc[split["file"]]
+    out = {}
+    for a, b in itertools.combinations(SPLITS, 2):
+        ia, ib = split["split"].to_numpy() == a, split["split"].to_numpy() == b
+        out[f"{a}_{b}"] = {
+            "groups": len(set(m["group"][ia]) & set(m["group"][ib])),
+            "files": len(set(split["file"][ia]) & set(split["file"][ib])),
+            "identical": len(set(m["sha256"][ia]) & set(m["sha256"][ib])),
+        }
+    cross = 0
+    hashes, where = phashes(m.reset_index()), split["split"].to_numpy()
+    for i, j, _ in close_pairs(hashes, max_distance):
+        cross += where[i] != where[j]
+    out["near_duplicate_pairs_across_splits"] = int(cross)
+    out["total"] = int(cross + sum(v for k, d in out.items() if isinstance(d, dict) for v in d.values()))
+    return out
+
+
+def summary(split: pd.DataFrame, classes: list[str]) -> dict:
+    sizes = {}
+    for s in SPLITS:
+        part = split[split["split"] == s]
+        sizes[s] = {"total": len(part), **{c: int((part["label"] == c).sum()) for c in classes}}
+    return {"sizes": sizes, "groups": int(split["group"].nunique())}
