@@ -67,6 +67,7 @@ def decode(path: str | Path, size: int, mode: str = "pad", max_pixels: int = 60_
         raise DecodeError("unreadable", err.strerror or str(err)) from None
     if nbytes == 0:
         raise DecodeError("empty_file", "zero bytes")
+    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own guard, at the same limit (process-wide, set per call)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -82,7 +83,7 @@ def decode(path: str | Path, size: int, mode: str = "pad", max_pixels: int = 60_
         except UnidentifiedImageError:
             raise DecodeError("not_an_image", "Pillow cannot identify the file as an image") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise DecodeError("decompression_bomb", str(err).split(".")[0]) from None
+            raise DecodeError("decompression_bomb", f"over clean.max_pixels={max_pixels}: {str(err).split(',')[0]}") from None
         except (OSError, ValueError, SyntaxError) as err:
             raise DecodeError("unreadable", str(err) or type(err).__name__) from None
     if gray.size == 0:

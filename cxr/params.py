@@ -1,6 +1,7 @@
 """params.yaml: load and validate up front, so a bad value fails before any work with one clear line."""
 from __future__ import annotations
 
+import math
 import numbers
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def _float(tree, key, lo=None, hi=None, lo_open=False, hi_open=False) -> float:
     bad = isinstance(v, bool) or not isinstance(v, numbers.Real)
     if not bad:
         v = float(v)
-        bad = (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi))
+        bad = not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi))
     if bad:
         lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
         _fail(key, f"a number in {lb}{lo}, {hi}{rb}", v)

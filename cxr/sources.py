@@ -36,7 +36,7 @@ def _rel(path: Path, root: Path) -> str:
 
 
 def _all_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return sorted(p for p in root.rglob("*") if p.is_file())
 
 
 def _norm(name: str) -> str:

@@ -64,7 +64,7 @@ def fit(model, train_ds, val_ds, *, epochs: int, patience: int, lr: float, weigh
                   metrics=["accuracy"], jit_compile=xla)
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
     t0 = time.perf_counter()
-    hist = model.fit(train_ds, validation_data=val_ds, epochs=epochs, class_weight=weights,
+    hist = model.fit(train_ds, validation_data=val_ds, epochs=epochs, class_weight=weights, shuffle=False,
                      callbacks=[stop, DVCLiveCallback(live=logger)], verbose=2)
     seconds = time.perf_counter() - t0
     val_loss = hist.history["val_loss"]
@@ -172,6 +172,7 @@ def run_stage(stage: str) -> None:
         out = paths.FINETUNED
     save(model, out, model_info(p, ds["classes"], ds["positive"]))
     timing = {k: round(summary.pop(k), 2) for k in list(summary) if "seconds" in k}
-    logger.summary.update({f"best/{k}": v for k, v in summary.items()})
+    logger.summary["epochs_run"] = summary.pop("epochs_run")
+    logger.summary["best"] = {"epoch": summary.pop("best_epoch"), **summary}
     logger.make_summary()
     log.info("%s: %s; %s; stage %.1fs", stage, summary, timing, time.perf_counter() - t0)

@@ -1,0 +1,44 @@
+"""evaluate: baseline and fine-tuned model on the test split -> metrics/evaluate/*.json, plots/evaluate/,
+and the triage threshold beside each model (models/<name>.operating_point.json) for `predict`."""
+import logging
+import time
+
+from dvclive import Live
+
+from cxr import atomic, data, evaluation, models, params, paths, training
+from cxr.errors import cli
+
+log = logging.getLogger("evaluate")
+
+
+@cli
+def main() -> None:
+    t0 = time.perf_counter()
+    p = params.load()
+    ds = params.dataset(p)
+    classes, positive = ds["classes"], ds["positive"]
+    splits = data.load_splits(classes)
+    labels = {s: splits[s].labels for s in ("val", "test")}
+    for name, path in (("baseline", paths.BASELINE), ("finetuned", paths.FINETUNED)):
+        info = training.read_info(path)
+        if info["classes"] != classes:
+            from cxr.errors import UserError
+
+            raise UserError(f"{path} was trained on classes {info['classes']}, the data has {classes}: rerun `dvc repro`")
+        model = models.load(path)
+        proba = {s: evaluation.predict_proba(model, splits[s].images) for s in ("val", "test")}
+        result, threshold = evaluation.evaluate(proba, labels, classes, positive, p["evaluate"])
+        atomic.write_json(paths.METRICS / "evaluate" / f"{name}.json", result)
+        atomic.write_json(paths.sidecar(path, "operating_point"), {"class": positive, "threshold": threshold,
+                                                                   "target_sensitivity": p["evaluate"]["target_sensitivity"]})
+        live = Live(dir=str(paths.PLOTS / "evaluate" / name), dvcyaml=False, save_dvc_exp=False, report=None)
+        evaluation.write_plots(live, proba["test"], labels["test"], classes, positive)
+        t, key = result["triage"], positive
+        log.info("%s: test accuracy %.3f, macro ROC-AUC %s; %s sensitivity/specificity %s/%s at argmax, %s/%s at threshold %.4f",
+                 name, result["test"]["accuracy"], result["test"]["macro"]["roc_auc"], key,
+                 t["test_argmax"]["sensitivity"], t["test_argmax"]["specificity"], t["test"]["sensitivity"], t["test"]["specificity"], threshold)
+    log.info("done in %.1fs", time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""cxr.sources adapters on small synthetic trees laid out like the real archives."""
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cxr import sources
+from cxr.errors import UserError
+from cxr.sources import is_covid_finding
+
+
+def _png(path: Path, value: int = 128) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (8, 8), value).save(path)
+    return path
+
+
+def _files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def _check_accounting(root, records, drops):
+    """Every file is exactly one record or one drop."""
+    names = [r.file for r in records] + [d.file for d in drops]
+    assert len(names) == len(set(names)), "a file was counted twice"
+    assert set(names) == _files(root)
+
+
+# --- COVID-19 Radiography Database ---------------------------------------------------------------
+
+CURRENT = "COVID-19_Radiography_Dataset"
+CLASSES3 = ["COVID", "Normal", "Viral Pneumonia"]
+
+
+@pytest.fixture
+def current_layout(tmp_path):
+    root = tmp_path / "raw"
+    base = root / CURRENT
+    for cls, n in {"COVID": 3, "Normal": 4, "Viral Pneumonia": 2, "Lung_Opacity": 2}.items():
+        for i in range(n):
+            _png(base / cls / "images" / f"{cls}-{i + 1}.png")
+            _png(base / cls / "masks" / f"{cls}-{i + 1}.png", 255)
+        (base / f"{cls}.metadata.xlsx").write_bytes(b"PK\x03\x04 not really a workbook")
+    (base / "README.md.txt").write_text("readme")
+    _png(base / "stray.png")                       # inside the dataset folder, outside class folders
+    _png(root / "toplevel.png")                    # outside the dataset folder entirely
+    return root
+
+
+def test_radiography_current_layout(current_layout):
+    records, drops = sources.radiography(current_layout, CLASSES3)
+    _check_accounting(current_layout, records, drops)
+    assert Counter(r.label for r in records) == {"COVID": 3, "Normal": 4, "Viral Pneumonia": 2}
+    assert all("/images/" in r.file for r in records)
+    by_file = {d.file: d.reason for d in drops}
+    assert Counter(by_file.values()) == {"auxiliary_file": 11 + 4 + 1, "class_not_selected": 2, "unlabeled": 2}
+    assert by_file[f"{CURRENT}/COVID/masks/COVID-1.png"] == "auxiliary_file"
+    assert by_file[f"{CURRENT}/Lung_Opacity/masks/Lung_Opacity-1.png"] == "auxiliary_file"
+    assert by_file[f"{CURRENT}/COVID.metadata.xlsx"] == "auxiliary_file"
+    assert by_file[f"{CURRENT}/README.md.txt"] == "auxiliary_file"
+    assert by_file[f"{CURRENT}/Lung_Opacity/images/Lung_Opacity-2.png"] == "class_not_selected"
+    assert by_file[f"{CURRENT}/stray.png"] == "unlabeled"
+    assert by_file["toplevel.png"] == "unlabeled"
+    rec = {r.file: r for r in records}[f"{CURRENT}/Viral Pneumonia/images/Viral Pneumonia-2.png"]
+    assert rec.label == "Viral Pneumonia" and rec.group == "Viral Pneumonia-2"
+
+
+def test_radiography_selecting_lung_opacity(current_layout):
+    records, drops = sources.radiography(current_layout, CLASSES3 + ["Lung_Opacity"])
+    _check_accounting(current_layout, records, drops)
+    assert Counter(r.label for r in records)["Lung_Opacity"] == 2
+    assert not any(d.reason == "class_not_selected" for d in drops)
+
+
+def test_radiography_via_load(current_layout):
+    records, drops = sources.load("covid-radiography", current_layout, {"classes": CLASSES3})
+    assert len(records) == 9
+    with pytest.raises(UserError, match="not found"):
+        sources.load("covid-radiography", current_layout / "absent", {"classes": CLASSES3})
+
+
+def test_radiography_older_layout_upper_case_folders(tmp_path):
+    root = tmp_path / "raw"
+    base = root / "COVID-19 Radiography Database"
+    for folder, n in {"COVID": 2, "NORMAL": 3, "Viral Pneumonia": 1}.items():
+        for i in range(n):
+            _png(base / folder / f"{folder} ({i + 1}).png")
+        (base / f"{folder}.metadata.xlsx").write_bytes(b"xlsx")
+    _png(base / "loose.png")
+    records, drops = sources.radiography(root, CLASSES3)
+    _check_accounting(root, records, drops)
+    assert Counter(r.label for r in records) == {"COVID": 2, "Normal": 3, "Viral Pneumonia": 1}
+    assert {r.label for r in records if "/NORMAL/" in r.file} == {"Normal"}
+    assert Counter(d.reason for d in drops) == {"auxiliary_file": 3, "unlabeled": 1}
+
+
+def test_radiography_old_covid19_folder_name(tmp_path):
+    root = tmp_path / "raw"
+    for folder in ("COVID-19", "NORMAL"):
+        _png(root / folder / "x.png")
+    records, drops = sources.radiography(root, ["COVID", "Normal"])
+    assert sorted(r.label for r in records) == ["COVID", "Normal"] and drops == []
+
+
+def test_radiography_no_layout_is_user_error(tmp_path):
+    root = tmp_path / "raw"
+    _png(root / "pictures" / "a.png")
+    _png(root / "other" / "b.png")
+    with pytest.raises(UserError, match="Radiography"):
+        sources.radiography(root, CLASSES3)
+
+
+def test_radiography_unknown_class_is_user_error(current_layout):
+    with pytest.raises(UserError, match="Bacterial"):
+        sources.radiography(current_layout, ["COVID", "Bacterial"])
+
+
+# --- ieee8023 covid-chestxray --------------------------------------------------------------------
+
+CX_CLASSES = ["COVID-19", "non-COVID"]
+VIEWS = ["PA", "AP", "AP Supine"]
+
+META_ROWS = [
+    # patientid, finding, view, modality, folder, filename
+    ("1", "COVID-19", "PA", "X-ray", "images", "a.png"),
+    ("1", "COVID-19", "AP Supine", "X-ray", "images", "a2.png"),
+    ("2", "COVID-19, ARDS", "AP", "X-ray", "images", "b.png"),
+    ("3", "Pneumonia/Viral/COVID-19", "PA", "X-ray", "images", "c.png"),
+    ("4", "SARS", "PA", "X-ray", "images", "d.png"),
+    ("5", "Pneumonia/Bacterial/Streptococcus", "AP", "X-ray", "images", "e.png"),
+    ("6", "COVID-19", "Axial", "CT", "volumes", "f.png"),
+    ("7", "COVID-19", "L", "X-ray", "images", "g.png"),
+    ("8", "todo", "PA", "X-ray", "images", "h.png"),
+    ("9", "COVID-19", "PA", "X-ray", "images", "missing.png"),
+]
+
+
+@pytest.fixture
+def chestxray_tree(tmp_path):
+    root = tmp_path / "raw"
+    base = root / "covid-chestxray-dataset"
+    lines = ["patientid,offset,finding,view,modality,folder,filename"]
+    for pid, finding, view, modality, folder, fname in META_ROWS:
+        lines.append(f'{pid},,"{finding}",{view},{modality},{folder},{fname}')
+        if fname != "missing.png":
+            _png(base / folder / fname)
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "metadata.csv").write_text("\n".join(lines) + "\n")
+    _png(base / "images" / "not_in_metadata.jpg")
+    (base / "README.md").write_text("readme")
+    _png(base / "annotations" / "seg.png")
+    return root
+
+
+def test_chestxray_labels_and_drops(chestxray_tree):
+    records, drops = sources.chestxray(chestxray_tree, CX_CLASSES, "COVID-19", VIEWS)
+    base = "covid-chestxray-dataset"
+    rec = {r.file: r for r in records}
+    assert {f: r.label for f, r in rec.items()} == {
+        f"{base}/images/a.png": "COVID-19",
+        f"{base}/images/a2.png": "COVID-19",
+        f"{base}/images/b.png": "COVID-19",
+        f"{base}/images/c.png": "COVID-19",
+        f"{base}/images/d.png": "non-COVID",
+        f"{base}/images/e.png": "non-COVID",
+    }
+    assert rec[f"{base}/images/a.png"].group == rec[f"{base}/images/a2.png"].group == "patient-1"
+    assert rec[f"{base}/images/b.png"].group == "patient-2"
+    reasons = {d.file: d.reason for d in drops}
+    assert reasons == {
+        f"{base}/volumes/f.png": "not_xray",
+        f"{base}/images/g.png": "view_excluded",
+        f"{base}/images/h.png": "unknown_finding",
+        f"{base}/images/missing.png": "missing_file",
+        f"{base}/images/not_in_metadata.jpg": "unlabeled",
+        f"{base}/README.md": "auxiliary_file",
+        f"{base}/annotations/seg.png": "auxiliary_file",
+    }
+    # every file on disk except metadata.csv is accounted for; the missing one only as a drop
+    on_disk = _files(chestxray_tree) - {f"{base}/metadata.csv"}
+    assert on_disk == (set(rec) | set(reasons)) - {f"{base}/images/missing.png"}
+
+
+def test_chestxray_views_are_configurable(chestxray_tree):
+    records, drops = sources.chestxray(chestxray_tree, CX_CLASSES, "COVID-19", ["PA"])
+    assert "covid-chestxray-dataset/images/a2.png" in {d.file for d in drops if d.reason == "view_excluded"}
+    assert "covid-chestxray-dataset/images/a2.png" not in {r.file for r in records}
+
+
+def test_chestxray_without_folder_column_uses_images(tmp_path):
+    root = tmp_path / "raw"
+    _png(root / "images" / "a.png")
+    _png(root / "images" / "b.png")
+    (root / "metadata.csv").write_text(
+        "patientid,finding,view,modality,filename\n"
+        "1,COVID-19,PA,X-ray,a.png\n"
+        "2,Pneumonia,AP,X-ray,b.png\n"
+    )
+    records, drops = sources.load("covid-chestxray", root, {"classes": CX_CLASSES, "positive": "COVID-19", "views": VIEWS})
+    assert [(r.file, r.label, r.group) for r in records] == [
+        ("images/a.png", "COVID-19", "patient-1"), ("images/b.png", "non-COVID", "patient-2")]
+    assert drops == []
+
+
+def test_chestxray_without_metadata_is_user_error(tmp_path):
+    _png(tmp_path / "raw" / "images" / "a.png")
+    with pytest.raises(UserError, match="metadata.csv"):
+        sources.chestxray(tmp_path / "raw", CX_CLASSES, "COVID-19", VIEWS)
+
+
+def test_chestxray_missing_columns_is_user_error(tmp_path):
+    (tmp_path / "metadata.csv").write_text("patientid,finding\n1,COVID-19\n")
+    with pytest.raises(UserError, match="filename"):
+        sources.chestxray(tmp_path, CX_CLASSES, "COVID-19", VIEWS)
+
+
+@pytest.mark.parametrize("finding,expected", [
+    ("COVID-19", True),
+    ("COVID-19, ARDS", True),
+    ("Pneumonia/Viral/COVID-19", True),
+    ("covid19", True),
+    ("SARS", False),
+    ("Pneumonia/Viral/SARS", False),
+    ("Pneumonia", False),
+    ("No Finding", False),
+    ("", False),
+])
+def test_is_covid_finding(finding, expected):
+    assert is_covid_finding(finding) is expected
