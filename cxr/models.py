@@ -74,6 +74,11 @@ def backbone(arch: str, image_size: int, weights: str, alpha: float = 1.0) -> ke
             "e.g. -S model.weights=path/to/mobilenet_v2_imagenet_1.0_224_no_top.h5, or to none"
         ) from None
     net.name = "backbone"
+    if w is None:
+        # Trained from scratch: moving statistics must catch up within a few hundred steps, not thousands.
+        for layer in net.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = 0.9
     return net
 
 
@@ -86,7 +91,9 @@ def build(arch: str, num_classes: int, image_size: int, weights: str = "imagenet
     x = gray_to_rgb(inputs)
     for layer in preprocess_layers(arch):
         x = layer(x)
-    x = net(x, training=False)
+    # Pretrained BatchNorm statistics are kept: the backbone always runs in inference mode. Without
+    # pretrained weights there are no statistics worth keeping, and BatchNorm trains when unfrozen.
+    x = net(x, training=False) if weights != "none" else net(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
@@ -110,16 +117,17 @@ def head(model: keras.Model) -> keras.Model:
     return keras.Model(inp, out, name="head")
 
 
-def unfreeze_top(model: keras.Model, n: int) -> int:
-    """Make the top n backbone layers trainable, BatchNorm excluded (frozen BN runs in inference mode).
-    Returns how many layers became trainable."""
+def unfreeze_top(model: keras.Model, n: int, freeze_batchnorm: bool = True) -> int:
+    """Make the top n backbone layers trainable; BatchNorm stays frozen (inference mode) unless
+    freeze_batchnorm is off (for a backbone without pretrained weights). Returns how many layers with
+    weights became trainable."""
     net = get_backbone(model)
     net.trainable = True
     layers = net.layers
     cut = max(0, len(layers) - n)
     count = 0
     for i, layer in enumerate(layers):
-        train = i >= cut and not isinstance(layer, keras.layers.BatchNormalization)
+        train = i >= cut and not (freeze_batchnorm and isinstance(layer, keras.layers.BatchNormalization))
         layer.trainable = train
         count += train and bool(layer.weights)
     return count

@@ -7,13 +7,13 @@ import itertools
 import numpy as np
 import pandas as pd
 
-from .clean import UnionFind, close_pairs
+from .clean import UnionFind, close_pairs, hash_words
 
 SPLITS = ("train", "val", "test")
 
 
 def phashes(manifest: pd.DataFrame) -> np.ndarray:
-    return np.array([int(h, 16) for h in manifest["phash"]], dtype=np.uint64)
+    return hash_words(manifest["phash"])
 
 
 def merge_groups(manifest: pd.DataFrame, max_distance: int) -> pd.Series:

@@ -55,22 +55,32 @@ def live(stage: str):
     return Live(dir=str(paths.METRICS / stage), dvcyaml=False, save_dvc_exp=False, report=None)
 
 
-def fit(model, train_ds, val_ds, *, epochs: int, patience: int, lr: float, weights, logger, xla: bool) -> dict:
-    """Adam, sparse cross-entropy, early stopping on val loss with the best weights restored, dvclive per epoch."""
+def fit(model, train_ds, val_ds, *, epochs: int, patience: int, lr: float, weights, logger, xla: bool, keep_start: bool = False) -> dict:
+    """Adam, sparse cross-entropy, early stopping on val loss with the best weights restored, dvclive per epoch.
+    With keep_start, the starting weights are kept when no epoch beats their validation loss."""
     import keras
     from dvclive.keras import DVCLiveCallback
 
     model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"], jit_compile=xla)
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+    start_loss, start_weights = None, None
+    if keep_start:
+        start_loss = float(model.evaluate(val_ds, verbose=0)[0])
+        start_weights = model.get_weights()
     t0 = time.perf_counter()
     hist = model.fit(train_ds, validation_data=val_ds, epochs=epochs, class_weight=weights, shuffle=False,
                      callbacks=[stop, DVCLiveCallback(live=logger)], verbose=2)
     seconds = time.perf_counter() - t0
     val_loss = hist.history["val_loss"]
     best = int(np.argmin(val_loss))
-    return {"epochs_run": len(val_loss), "best_epoch": best + 1, "val_loss": float(val_loss[best]),
-            "val_accuracy": float(hist.history["val_accuracy"][best]), "seconds_per_epoch": seconds / len(val_loss)}
+    out = {"epochs_run": len(val_loss), "best_epoch": best + 1, "val_loss": float(val_loss[best]),
+           "val_accuracy": float(hist.history["val_accuracy"][best]), "seconds_per_epoch": seconds / len(val_loss)}
+    if start_loss is not None and start_loss <= out["val_loss"]:
+        log.warning("no epoch beat the starting validation loss %.4f: keeping the starting weights", start_loss)
+        model.set_weights(start_weights)
+        out.update(best_epoch=0, val_loss=start_loss, val_accuracy=float(model.evaluate(val_ds, verbose=0)[1]))
+    return out
 
 
 def baseline(p: dict, classes: list[str], splits: dict[str, data.Subset], logger) -> tuple[object, dict]:
@@ -121,14 +131,14 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
     bs = cfg["batch_size"] * strategy.num_replicas_in_sync
     with strategy.scope():
         model = models.load(base_model_path)
-        n = models.unfreeze_top(model, cfg["unfreeze"])
+        n = models.unfreeze_top(model, cfg["unfreeze"], freeze_batchnorm=p["model"]["weights"] != "none")
     log.info("fine-tuning %d backbone layers with weights", n)
     tr, va = splits["train"], splits["val"]
     aug = data.augmenter(p["train"]["augment"], cfg["seed"])
     weights = class_weights(tr.labels, len(classes), p["train"]["class_weight"])
     summary = fit(model, data.dataset(tr.images, tr.labels, bs, shuffle=True, seed=cfg["seed"], augment=aug),
                   data.dataset(va.images, va.labels, bs), epochs=cfg["epochs"], patience=cfg["patience"],
-                  lr=cfg["learning_rate"], weights=weights, logger=logger, xla=runtime["xla"])
+                  lr=cfg["learning_rate"], weights=weights, logger=logger, xla=runtime["xla"], keep_start=True)
     summary["trainable_layers"] = n
     return model, summary
 

@@ -17,7 +17,7 @@ CLASSES = ["COVID", "Normal"]
 
 
 def _cfg(**over):
-    cfg = {"image_size": SIZE, "resize": "pad", "max_pixels": 10_000_000, "near_duplicate_distance": 4,
+    cfg = {"image_size": SIZE, "resize": "pad", "max_pixels": 10_000_000, "near_duplicate_distance": 12,
            "shard_size": 4, "workers": 1}
     cfg.update(over)
     return cfg
@@ -58,7 +58,7 @@ def tree(tmp_path):
     add("Normal/x_too.png", "Normal")
     expected["COVID/x.png"] = expected["Normal/x_too.png"] = "conflicting_labels"
     # near duplicates: JPEG re-save, and one pixel changed
-    add(_put(raw, "COVID/c1_resaved.jpg", _smooth(101), quality=90), "COVID")
+    add(_put(raw, "COVID/c1_resaved.jpg", _smooth(101), quality=98), "COVID")
     expected["COVID/c1_resaved.jpg"] = "near_duplicate"
     px = np.array(_smooth(201))
     px[10, 10] ^= 0xFF
@@ -119,7 +119,7 @@ def test_shards_match_manifest(tmp_path, tree):
     assert list(manifest.columns) == ["file", "label", "group", "sha256", "phash", "shard", "index", "has_mask"]
     for row in manifest.itertuples():
         np.testing.assert_array_equal(arrays[row.shard][row.index], decode(raw / row.file, SIZE))
-        assert len(row.phash) == 16
+        assert len(row.phash) == 64  # 256-bit hash, hex
     assert manifest["sha256"].is_unique
     assert not manifest["has_mask"].any()
     assert not list(out.glob("masks-*.npy"))
@@ -137,13 +137,15 @@ def test_near_duplicates_kept_when_threshold_negative(tmp_path, tree):
 def test_near_duplicate_with_other_label_drops_both(tmp_path):
     raw = tmp_path / "raw"
     _put(raw, "a.png", _smooth(1))
-    _put(raw, "b.jpg", _smooth(1), quality=90)
+    px = np.array(_smooth(1))
+    px[5, 5] ^= 0x07
+    _put(raw, "b.png", Image.fromarray(px))
     _put(raw, "c.png", _smooth(2))
-    recs = [Record("a.png", "COVID", "a"), Record("b.jpg", "Normal", "b"), Record("c.png", "Normal", "c")]
+    recs = [Record("a.png", "COVID", "a"), Record("b.png", "Normal", "b"), Record("c.png", "Normal", "c")]
     out = tmp_path / "out"
     out.mkdir()
     summary, dropped = clean.run(raw, out, recs, [], CLASSES, _cfg())
-    assert dict(zip(dropped["file"], dropped["reason"])) == {"a.png": "conflicting_labels", "b.jpg": "conflicting_labels"}
+    assert dict(zip(dropped["file"], dropped["reason"])) == {"a.png": "conflicting_labels", "b.png": "conflicting_labels"}
     assert summary["kept_by_class"] == {"COVID": 0, "Normal": 1}
 
 
@@ -174,7 +176,7 @@ def test_parallel_equals_serial(tmp_path):
         recs.append(Record(_put(raw, f"{label}/{i:03d}.png", _smooth(1000 + i)), label, f"p{i // 3}"))
     shutil.copy(raw / "COVID/000.png", raw / "COVID/000_dup.png")
     recs.append(Record("COVID/000_dup.png", "COVID", "p0"))
-    recs.append(Record(_put(raw, "Normal/001_q90.jpg", _smooth(1001), quality=90), "Normal", "p0"))
+    recs.append(Record(_put(raw, "Normal/001_q90.jpg", _smooth(1001), quality=98), "Normal", "p0"))
     (raw / "COVID/bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     recs.append(Record("COVID/bad.png", "COVID", "bad"))
     assert len(recs) > 64
