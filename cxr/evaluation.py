@@ -63,21 +63,48 @@ def evaluate(proba: dict[str, np.ndarray], labels: dict[str, np.ndarray], classe
     return out, threshold
 
 
-def write_plots(live, proba: np.ndarray, labels: np.ndarray, classes: list[str], positive: str) -> None:
-    """Confusion matrix, ROC and precision-recall per class, calibration of the positive class, and
-    per-class recall, through dvclive's `log_sklearn_plot` (JSON read by the top-level `plots:` in dvc.yaml)."""
-    names = np.array(classes)
-    live.log_sklearn_plot("confusion_matrix", names[labels].tolist(), names[proba.argmax(axis=1)].tolist(), name="confusion_matrix.json")
+def prediction_table(subset: data.Subset, proba: np.ndarray, classes: list[str], positive: str, threshold: float):
+    """One row per image: file, label, prediction, p_<class>..., triage decision at the threshold."""
+    import pandas as pd
+
+    table = pd.DataFrame({"file": subset.files, "label": [classes[i] for i in subset.labels],
+                          "prediction": [classes[i] for i in proba.argmax(axis=1)]})
+    for k, c in enumerate(classes):
+        table[f"p_{c}"] = proba[:, k].round(6)
+    table["triage"] = np.where(proba[:, classes.index(positive)] >= threshold, f"{positive}-positive", f"{positive}-negative")
+    return table
+
+
+def curves(proba: np.ndarray, labels: np.ndarray, classes: list[str]) -> tuple[list[dict], list[dict]]:
+    """One-vs-rest ROC and precision-recall points (sklearn.metrics) for every class present, in long
+    format with a `class` field, so one chart shows all classes (template .dvc/plots/by_class.json)."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    roc, pr = [], []
     for k, c in enumerate(classes):
         y = (labels == k).astype(int)
-        if 0 < y.sum() < len(y):
-            key = metrics.class_key(c)
-            live.log_sklearn_plot("roc", y, proba[:, k], name=f"roc/{key}.json")
-            live.log_sklearn_plot("precision_recall", y, proba[:, k], name=f"precision_recall/{key}.json")
+        if not 0 < y.sum() < len(y):
+            continue
+        fpr, tpr, _ = roc_curve(y, proba[:, k])
+        roc += [{"class": c, "point": i, "fpr": round(float(a), 5), "tpr": round(float(b), 5)} for i, (a, b) in enumerate(zip(fpr, tpr))]
+        prec, rec, _ = precision_recall_curve(y, proba[:, k])
+        pr += [{"class": c, "point": i, "recall": round(float(a), 5), "precision": round(float(b), 5)} for i, (a, b) in enumerate(zip(rec, prec))]
+    return roc, pr
+
+
+def write_plots(live, proba: np.ndarray, labels: np.ndarray, classes: list[str], positive: str) -> None:
+    """Plot data read by the top-level `plots:` in dvc.yaml: confusion matrix and calibration of the
+    positive class through dvclive's `log_sklearn_plot`; ROC and precision-recall per class; recall per class."""
+    names = np.array(classes)
+    live.log_sklearn_plot("confusion_matrix", names[labels].tolist(), names[proba.argmax(axis=1)].tolist(), name="confusion_matrix.json")
     pos = classes.index(positive)
     y = (labels == pos).astype(int)
     if 0 < y.sum() < len(y):
         live.log_sklearn_plot("calibration", y, proba[:, pos], name="calibration.json", n_bins=10)
+    roc, pr = curves(proba, labels, classes)
+    out = Path(live.plots_dir)
+    atomic.write_json(out / "roc.json", roc)
+    atomic.write_json(out / "precision_recall.json", pr)
     recall = [{"class": c, "recall": float(((proba.argmax(axis=1) == k) & (labels == k)).sum() / max(1, (labels == k).sum()))}
               for k, c in enumerate(classes)]
-    atomic.write_json(Path(live.plots_dir) / "recall.json", recall)
+    atomic.write_json(out / "recall.json", recall)

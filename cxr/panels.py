@@ -27,14 +27,13 @@ def figure(path: Path, images: np.ndarray, cams: np.ndarray, titles: list[str], 
     import matplotlib.pyplot as plt
 
     n = len(images)
-    fig, axes = plt.subplots(1, max(n, 1), figsize=(3.2 * max(n, 1), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, max(n, 1), figsize=(3.2 * max(n, 1), 3.8), squeeze=False, layout="constrained")
     for ax, img, cam, title in zip(axes[0], images, cams, titles):
         ax.imshow(gradcam.overlay(img, cam, alpha))
         ax.set_title(title, fontsize=9)
     for ax in axes[0]:
         ax.axis("off")
     fig.suptitle(suptitle, fontsize=11)
-    fig.tight_layout()
     with atomic.atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)

@@ -21,6 +21,7 @@ DOWNLOAD_RECORD = METRICS / "download.json"
 CLEAN_METRICS = METRICS / "clean.json"
 CLEAN_DROPPED = REPORTS / "clean_dropped.csv"
 SPLIT_METRICS = METRICS / "split.json"
+TEST_PREDICTIONS = REPORTS / "test_predictions.csv"   # evaluate: the fine-tuned model on every test image
 
 
 def sidecar(model_path: Path, kind: str) -> Path:

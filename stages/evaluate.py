@@ -6,7 +6,7 @@ import time
 from dvclive import Live
 
 from cxr import atomic, data, evaluation, models, params, paths, training
-from cxr.errors import cli
+from cxr.errors import UserError, cli
 
 log = logging.getLogger("evaluate")
 
@@ -22,8 +22,6 @@ def main() -> None:
     for name, path in (("baseline", paths.BASELINE), ("finetuned", paths.FINETUNED)):
         info = training.read_info(path)
         if info["classes"] != classes:
-            from cxr.errors import UserError
-
             raise UserError(f"{path} was trained on classes {info['classes']}, the data has {classes}: rerun `dvc repro`")
         model = models.load(path)
         proba = {s: evaluation.predict_proba(model, splits[s].images) for s in ("val", "test")}
@@ -31,6 +29,8 @@ def main() -> None:
         atomic.write_json(paths.METRICS / "evaluate" / f"{name}.json", result)
         atomic.write_json(paths.sidecar(path, "operating_point"), {"class": positive, "threshold": threshold,
                                                                    "target_sensitivity": p["evaluate"]["target_sensitivity"]})
+        if name == "finetuned":
+            atomic.write_csv(paths.TEST_PREDICTIONS, evaluation.prediction_table(splits["test"], proba["test"], classes, positive, threshold))
         live = Live(dir=str(paths.PLOTS / "evaluate" / name), dvcyaml=False, save_dvc_exp=False, report=None)
         evaluation.write_plots(live, proba["test"], labels["test"], classes, positive)
         t, key = result["triage"], positive

@@ -1,0 +1,57 @@
+"""Benchmark the baseline (train) stage: seconds per epoch with and without the feature cache, and the
+whole stage, on the data the pipeline has prepared (data/clean + data/split.csv for params.yaml's dataset).
+
+    python bench/train.py [--epochs 3] [--set key=value ...]
+
+Prints figures; changes nothing in the workspace (dvclive logs go to a temporary folder).
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import yaml
+
+from cxr import data, params, training
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override, e.g. model.weights=none")
+    args = ap.parse_args()
+    p = params.load()
+    for item in args.set:
+        key, value = item.split("=", 1)
+        node = p
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = yaml.safe_load(value)
+    params.validate(p)
+    ds = params.dataset(p)
+    t0 = time.perf_counter()
+    splits = data.load_splits(ds["classes"])
+    load_s = time.perf_counter() - t0
+    n = len(splits["train"])
+    print(f"dataset {ds['name']}: {n} train / {len(splits['val'])} val images at {splits['train'].images.shape[1]} px; "
+          f"arch {p['model']['arch']} (weights {p['model']['weights']}); batch {p['train']['batch_size']}; loading {load_s:.1f}s")
+    p["train"].update(epochs=args.epochs, patience=args.epochs + 1)
+    for cache in (True, False):
+        p["train"]["feature_cache"] = cache
+        with tempfile.TemporaryDirectory() as tmp:
+            from dvclive import Live
+
+            logger = Live(dir=tmp, dvcyaml=False, save_dvc_exp=False, report=None)
+            t0 = time.perf_counter()
+            _, summary = training.baseline(p, ds["classes"], splits, logger)
+            total = time.perf_counter() - t0
+        per_epoch = summary["seconds_per_epoch"]
+        extra = f"; one-off feature pass {summary['feature_cache_seconds']:.1f}s" if cache else " (augmentation on)"
+        print(f"feature_cache={str(cache).lower():5}: {per_epoch:7.2f} s/epoch = {n / per_epoch:8.1f} train images/s{extra}; "
+              f"{args.epochs} epochs end to end {total:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

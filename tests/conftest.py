@@ -1,0 +1,113 @@
+"""Shared fixtures: a real git + DVC repository in a temporary folder, running the real pipeline on `demo`."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+# The offline demo configuration: no pretrained weights, small images, few epochs; a 2-core CPU
+# runs the whole pipeline in a few minutes.
+DEMO = {
+    "dataset": "demo",
+    "datasets.demo.per_class": 100,
+    "datasets.demo.size": 128,
+    "clean.image_size": 64,
+    "model.weights": "none",
+    "model.alpha": 0.35,
+    "train.epochs": 5,
+    "train.batch_size": 16,
+    "finetune.epochs": 5,
+    "finetune.batch_size": 16,
+    "finetune.unfreeze": 200,
+    "finetune.learning_rate": 0.001,
+    "evaluate.bootstrap.resamples": 200,
+    "gradcam.per_class": 3,
+}
+
+
+def set_params(path: Path, overrides: dict) -> None:
+    """Write dotted-key overrides into a params.yaml."""
+    tree = yaml.safe_load(path.read_text())
+    for key, value in overrides.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+
+
+def env() -> dict:
+    """The test's Python first on PATH (dvc.yaml runs `python`), no outside data or credentials."""
+    e = dict(os.environ)
+    e["PATH"] = str(Path(sys.executable).parent) + os.pathsep + e.get("PATH", "")
+    e.pop("CXR_DATA_DIR", None)
+    e.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    e.setdefault("GIT_AUTHOR_NAME", "test")
+    e.setdefault("GIT_AUTHOR_EMAIL", "test@localhost")
+    e.setdefault("GIT_COMMITTER_NAME", "test")
+    e.setdefault("GIT_COMMITTER_EMAIL", "test@localhost")
+    return e
+
+
+def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command (e.g. `dvc repro`) in cwd, importing that repository's own `cxr`; on failure show its output."""
+    e = env()
+    e["PYTHONPATH"] = str(cwd)
+    proc = subprocess.run(list(args), cwd=cwd, env=e, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def dvc(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run(cwd, sys.executable, "-m", "dvc", *args, check=check)
+
+
+def ran_stages(output: str) -> list[str]:
+    """Stage names DVC actually ran, from `dvc repro`/`dvc exp run` output."""
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+
+
+def make_repo(root: Path, overrides: dict) -> Path:
+    """A fresh git + DVC repository holding the project's pipeline, with params overridden."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("stages", "cxr"):
+        shutil.copytree(PROJECT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
+        if (PROJECT / name).exists():
+            shutil.copy(PROJECT / name, root / name)
+    set_params(root / "params.yaml", overrides)
+    run(root, "git", "init", "-q")
+    dvc(root, "init", "-q")
+    shutil.copytree(PROJECT / ".dvc/plots", root / ".dvc/plots")  # the project's plot templates
+    dvc(root, "config", "core.analytics", "false")
+    run(root, "git", "add", "-A")
+    run(root, "git", "commit", "-qm", "pipeline")
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_repo(tmp_path_factory) -> Path:
+    """The demo pipeline reproduced end to end once (`dvc repro`), committed; tests read it or copy it."""
+    repo = make_repo(tmp_path_factory.mktemp("pipeline") / "repo", DEMO)
+    proc = dvc(repo, "repro")
+    repo.joinpath("first_repro.log").write_text(proc.stdout + proc.stderr)
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "reproduced")
+    return repo
+
+
+@pytest.fixture
+def demo_copy(demo_repo, tmp_path) -> Path:
+    """A private copy of the reproduced repository (DVC cache included), for tests that change it."""
+    dst = tmp_path / "repo"
+    shutil.copytree(demo_repo, dst, symlinks=True)
+    return dst

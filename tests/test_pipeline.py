@@ -1,0 +1,136 @@
+"""End to end: the real `dvc` CLI reproducing the pipeline on `demo` in a temporary git repository."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import dvc, ran_stages, set_params
+
+STAGES = ["download", "clean", "split", "train", "finetune", "evaluate", "gradcam"]
+
+
+def test_first_repro_runs_every_stage(demo_repo):
+    log = (demo_repo / "first_repro.log").read_text()
+    assert ran_stages(log) == STAGES
+
+
+def test_outputs(demo_repo):
+    clean = json.loads((demo_repo / "metrics/clean.json").read_text())
+    assert clean["seen"] == clean["kept"] + clean["dropped"]
+    # demo ships one of each bad file: every one is dropped and listed with its reason
+    for reason in ("empty_file", "unreadable", "not_an_image", "exact_duplicate", "unlabeled"):
+        assert clean["dropped_by_reason"].get(reason, 0) >= 1, reason
+    dropped = pd.read_csv(demo_repo / "reports/clean_dropped.csv")
+    assert len(dropped) == clean["dropped"]
+    shards = sorted((demo_repo / "data/clean").glob("images-*.npy"))
+    assert 1 <= len(shards) <= 4
+    assert np.load(shards[0], mmap_mode="r").dtype == np.uint8
+
+    split = pd.read_csv(demo_repo / "data/split.csv")
+    assert set(split["split"]) == {"train", "val", "test"}
+    assert len(split) == clean["kept"]
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not set(split.loc[split.split == a, "group"]) & set(split.loc[split.split == b, "group"])
+    assert json.loads((demo_repo / "metrics/split.json").read_text())["leakage"]["total"] == 0
+
+    for name in ("baseline", "finetuned"):
+        assert (demo_repo / f"models/{name}.keras").stat().st_size > 0
+        info = json.loads((demo_repo / f"models/{name}.info.json").read_text())
+        assert info["classes"] == ["COVID", "Normal", "Viral Pneumonia"]
+    for stage in ("train", "finetune"):
+        summary = json.loads((demo_repo / f"metrics/{stage}/metrics.json").read_text())
+        assert summary["epochs_run"] >= 1
+        assert (demo_repo / f"metrics/{stage}/plots/metrics/eval/loss.tsv").exists()
+
+
+def test_noop_repro(demo_repo):
+    proc = dvc(demo_repo, "repro")
+    assert ran_stages(proc.stdout) == []
+    assert "Data and pipelines are up to date" in proc.stdout
+    assert dvc(demo_repo, "status").stdout.strip().startswith("Data and pipelines are up to date")
+
+
+def test_split_param_reruns_only_split(demo_copy):
+    set_params(demo_copy / "params.yaml", {"split.seed": 7})
+    proc = dvc(demo_copy, "repro", "split")
+    assert ran_stages(proc.stdout) == ["split"]
+
+
+def test_same_params_give_byte_identical_split(demo_copy):
+    before = (demo_copy / "data/split.csv").read_bytes()
+    dvc(demo_copy, "repro", "--force", "--single-item", "split")
+    assert (demo_copy / "data/split.csv").read_bytes() == before
+
+
+def test_evaluate_param_reruns_only_evaluate(demo_copy):
+    set_params(demo_copy / "params.yaml", {"evaluate.target_sensitivity": 0.9})
+    proc = dvc(demo_copy, "repro")
+    assert ran_stages(proc.stdout) == ["evaluate"]
+
+
+@pytest.mark.slow
+def test_finetune_param_reruns_finetune_and_after(demo_copy):
+    set_params(demo_copy / "params.yaml", {"finetune.learning_rate": 0.0005})
+    proc = dvc(demo_copy, "repro")
+    assert ran_stages(proc.stdout) == ["finetune", "evaluate", "gradcam"]
+
+
+@pytest.mark.slow
+def test_train_param_reruns_train_and_finetune(demo_copy):
+    set_params(demo_copy / "params.yaml", {"train.learning_rate": 0.002})
+    proc = dvc(demo_copy, "repro")
+    assert ran_stages(proc.stdout) == ["train", "finetune", "evaluate", "gradcam"]
+
+
+def test_finetuned_model_beats_chance(demo_repo):
+    m = json.loads((demo_repo / "metrics/evaluate/finetuned.json").read_text())
+    # three balanced classes: chance is 1/3 accuracy and 0.5 AUC
+    assert m["test"]["accuracy"] >= 0.6, m["test"]
+    assert m["test"]["macro"]["roc_auc"] >= 0.75, m["test"]
+
+
+def test_evaluate_metrics_and_plots(demo_repo):
+    for name in ("baseline", "finetuned"):
+        m = json.loads((demo_repo / f"metrics/evaluate/{name}.json").read_text())
+        t = m["test"]
+        for key in ("accuracy", "balanced_accuracy", "log_loss", "brier", "ece"):
+            assert isinstance(t[key], float), key
+        for cls in ("covid", "normal", "viral_pneumonia"):
+            assert set(t[cls]) >= {"precision", "sensitivity", "specificity", "f1", "support", "roc_auc", "pr_auc"}
+        assert set(t["ci"]) >= {"accuracy", "covid_sensitivity", "covid_specificity", "macro_roc_auc"}
+        tri = m["triage"]
+        assert tri["class"] == "COVID" and 0 <= tri["threshold"] <= 1
+        # the threshold was chosen on validation to reach the target sensitivity there
+        assert tri["val"]["sensitivity"] >= tri["target_sensitivity"]
+        op = json.loads((demo_repo / f"models/{name}.operating_point.json").read_text())
+        assert op["threshold"] == pytest.approx(tri["threshold"], abs=1e-6)
+    html = demo_repo / "plots_html"
+    dvc(demo_repo, "plots", "show", "-o", str(html))
+    page = (html / "index.html").read_text()
+    for title in ("Confusion matrix (fine-tuned, test)", "ROC one-vs-rest", "Precision-recall", "Calibration",
+                  "Recall (sensitivity) per class", "Fine-tuning loss", "Baseline training loss"):
+        assert title in page, title
+    assert "covid.png" in page
+
+
+def test_gradcam_outputs(demo_repo):
+    for cls in ("covid", "normal", "viral_pneumonia"):
+        with Image.open(demo_repo / f"plots/gradcam/{cls}.png") as img:
+            assert img.size[0] > 100 and img.format == "PNG"
+    m = json.loads((demo_repo / "metrics/gradcam.json").read_text())
+    loc = m["localisation"]
+    assert loc["n"] > 0
+    # the trained model's maps concentrate on the known lesions more than a uniform map would
+    assert loc["energy_inside"] > loc["uniform_energy_inside"]
+
+
+@pytest.mark.slow
+def test_exp_run_other_architecture(demo_copy):
+    proc = dvc(demo_copy, "exp", "run", "-S", "model.arch=efficientnetb0", "-S", "model.weights=none")
+    assert "train" in ran_stages(proc.stdout)
+    shown = json.loads(dvc(demo_copy, "exp", "show", "--json").stdout)
+    assert "efficientnetb0" in json.dumps(shown)
