@@ -1,0 +1,60 @@
+"""Beyond one machine: a DVC remote shared by two clones, and queued experiments run by parallel workers."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from conftest import dvc, ran_stages, run, set_params
+
+
+@pytest.mark.slow
+def test_push_on_one_clone_pull_on_another_reruns_nothing(demo_copy, tmp_path):
+    remote = tmp_path / "remote"
+    a = demo_copy
+    dvc(a, "remote", "add", "-d", "store", str(remote))
+    run(a, "git", "commit", "-qam", "remote")
+    dvc(a, "push")
+
+    b = tmp_path / "clone-b"
+    run(tmp_path, "git", "clone", "-q", str(a), str(b))
+    assert not (b / "models/finetuned.keras").exists()
+    dvc(b, "pull")
+    for out in ("data/raw/metadata.csv", "data/clean/manifest.csv", "data/split.csv", "models/baseline.keras",
+                "models/finetuned.keras", "models/finetuned.operating_point.json"):
+        assert (b / out).is_file(), out
+    assert ran_stages(dvc(b, "repro").stdout) == []
+
+    set_params(b / "params.yaml", {"finetune.learning_rate": 0.0005})
+    assert ran_stages(dvc(b, "repro").stdout) == ["finetune", "evaluate", "gradcam"]
+
+
+def _wait_for_queue(repo, timeout=600):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = dvc(repo, "queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            return status
+        time.sleep(3)
+    dvc(repo, "queue", "kill", check=False)
+    raise AssertionError(f"queue did not finish in {timeout}s:\n{status}")
+
+
+@pytest.mark.slow
+def test_queued_experiments_run_in_parallel_workers(demo_copy):
+    for target in ("0.8", "0.99"):
+        dvc(demo_copy, "exp", "run", "--queue", "-S", f"evaluate.target_sensitivity={target}")
+    dvc(demo_copy, "queue", "start", "-j", "2")
+    status = _wait_for_queue(demo_copy)
+    assert "Failed" not in status, status
+    rows = json.loads(dvc(demo_copy, "exp", "show", "--json").stdout)
+    exps = [e for row in rows for e in (row.get("experiments") or [])]
+    thresholds = {}
+    for exp in exps:
+        data = exp["revs"][0]["data"]
+        target = data["params"]["params.yaml"]["data"]["evaluate"]["target_sensitivity"]
+        metrics = data["metrics"]["metrics/evaluate/finetuned.json"]["data"]
+        thresholds[target] = metrics["triage"]["threshold"]
+    assert set(thresholds) == {0.8, 0.99}, exps
+    assert thresholds[0.8] != thresholds[0.99]
