@@ -134,3 +134,24 @@ def test_exp_run_other_architecture(demo_copy):
     assert "train" in ran_stages(proc.stdout)
     shown = json.loads(dvc(demo_copy, "exp", "show", "--json").stdout)
     assert "efficientnetb0" in json.dumps(shown)
+
+
+def test_predict_matches_evaluate(demo_repo, tmp_path):
+    """`python -m cxr predict` on the raw test-split files gives the evaluate stage's probabilities."""
+    import sys
+
+    from conftest import run
+
+    expected = pd.read_csv(demo_repo / "reports/test_predictions.csv")
+    files = [f"data/raw/{f}" for f in expected["file"]]
+    out = tmp_path / "preds.csv"
+    run(demo_repo, sys.executable, "-m", "cxr", "predict", *files, "--out", str(out))
+    got = pd.read_csv(out, keep_default_na=False)
+    got["file"] = got["path"].str.replace("data/raw/", "", regex=False)
+    merged = expected.merge(got, on="file", suffixes=("_eval", "_pred"), validate="one_to_one")
+    assert len(merged) == len(expected) > 0
+    assert (merged["error"] == "").all()
+    for c in ("COVID", "Normal", "Viral Pneumonia"):
+        np.testing.assert_allclose(merged[f"p_{c}_pred"], merged[f"p_{c}_eval"], atol=1e-5)
+    assert (merged["prediction_pred"] == merged["prediction_eval"]).all()
+    assert (merged["triage_pred"] == merged["triage_eval"]).all()
