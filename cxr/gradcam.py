@@ -8,14 +8,19 @@ from __future__ import annotations
 import numpy as np
 
 
-def target_layer(model):
-    """(backbone, name of its last layer with a 4-D output)."""
+def target_layer(model, min_side: int = 7):
+    """(backbone, name of its target layer): the last layer with a 4-D output at least `min_side` pixels
+    across (padding layers excepted). At the usual 224 px that is the last conv feature map (7x7 for all
+    four architectures); for small inputs, whose last map is 2x2, an earlier and finer one."""
     net = model.get_layer("backbone")
-    for layer in reversed(net.layers):
-        shape = getattr(layer, "output", None)
-        if shape is not None and len(layer.output.shape) == 4:
-            return net, layer.name
-    raise ValueError("no 4-D feature map in the backbone")
+    import keras
+
+    maps = [layer for layer in net.layers
+            if len(layer.output.shape) == 4 and not isinstance(layer, keras.layers.ZeroPadding2D)]
+    if not maps:
+        raise ValueError("no 4-D feature map in the backbone")
+    wide = [layer for layer in maps if min(layer.output.shape[1:3]) >= min_side]
+    return net, (wide or maps)[-1].name
 
 
 def _split(model):
@@ -25,13 +30,14 @@ def _split(model):
     return model.layers[1:i], model.layers[i + 1 :]
 
 
-def heatmaps(model, images: np.ndarray, class_index: np.ndarray | None = None, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def heatmaps(model, images: np.ndarray, class_index: np.ndarray | None = None, batch_size: int = 32,
+             min_side: int = 7) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM maps (N, S, S) in [0, 1] for uint8 images (N, S, S), for the given classes (default: the
     predicted ones). Returns (maps, probabilities)."""
     import keras
     import tensorflow as tf
 
-    net, layer_name = target_layer(model)
+    net, layer_name = target_layer(model, min_side)
     inner = keras.Model(net.inputs, [net.get_layer(layer_name).output, net.output])
     before, after = _split(model)
     size = images.shape[1:3]

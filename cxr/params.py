@@ -139,6 +139,7 @@ def validate(p: dict) -> dict:
     if gc != "predicted" and gc not in _get(p, f"datasets.{ds}.classes"):
         _fail("gradcam.class", "predicted or one of the dataset's classes", gc)
     _float(p, "gradcam.alpha", 0, 1)
+    _int(p, "gradcam.min_side", 1)
     return p
 
 

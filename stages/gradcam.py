@@ -18,7 +18,7 @@ def main() -> None:
     test = data.load_splits(classes)["test"]
     model = models.load(paths.FINETUNED)
     target = None if cfg["class"] == "predicted" else np.full(len(test), classes.index(cfg["class"]))
-    cams, proba = gradcam.heatmaps(model, test.images, target)
+    cams, proba = gradcam.heatmaps(model, test.images, target, min_side=cfg["min_side"])
     out = paths.PLOTS / "gradcam"
     with atomic.atomic_dir(out) as tmp:
         for k, name in enumerate(classes):
@@ -27,10 +27,10 @@ def main() -> None:
             explains = "predicted class" if target is None else cfg["class"]
             panels.figure(tmp / f"{metrics.class_key(name)}.png", test.images[chosen], cams[chosen], titles,
                           f"Grad-CAM ({explains}): test images of class {name}", cfg["alpha"])
-    result = {"images": len(test), "layer": gradcam.target_layer(model)[1]}
+    result = {"images": len(test), "layer": gradcam.target_layer(model, cfg["min_side"])[1]}
     if test.masks is not None:
         # Localisation is measured for the class whose lesion the mask marks: the true class.
-        true_cams, _ = gradcam.heatmaps(model, test.images, test.labels)
+        true_cams, _ = gradcam.heatmaps(model, test.images, test.labels, min_side=cfg["min_side"])
         result["localisation"] = gradcam.localisation(true_cams, test.masks)
         log.info("localisation on %d lesion images: %s", result["localisation"]["n"], result["localisation"])
     atomic.write_json(paths.METRICS / "gradcam.json", result)
