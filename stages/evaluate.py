@@ -26,7 +26,13 @@ def main() -> None:
         model = models.load(path)
         proba = {s: evaluation.predict_proba(model, splits[s].images) for s in ("val", "test")}
         result, threshold = evaluation.evaluate(proba, labels, classes, positive, p["evaluate"])
+        # Headline figures are metrics (what `dvc metrics diff` shows); counts and weighted averages go to a report.
+        details = {"confusion": result["test"].pop("confusion"), "weighted": result["test"].pop("weighted"),
+                   "triage": {k: result["triage"][k] for k in ("val", "test", "test_argmax")}}
+        for k in ("val", "test", "test_argmax"):
+            result["triage"][k] = {m: result["triage"][k][m] for m in ("sensitivity", "specificity", "ppv", "npv")}
         atomic.write_json(paths.METRICS / "evaluate" / f"{name}.json", result)
+        atomic.write_json(paths.REPORTS / "evaluate" / f"{name}.json", details)
         atomic.write_json(paths.sidecar(path, "operating_point"), {"class": positive, "threshold": threshold,
                                                                    "target_sensitivity": p["evaluate"]["target_sensitivity"]})
         if name == "finetuned":

@@ -96,6 +96,9 @@ def test_evaluate_metrics_and_plots(demo_repo):
         for cls in ("covid", "normal", "viral_pneumonia"):
             assert set(t[cls]) >= {"precision", "sensitivity", "specificity", "f1", "support", "roc_auc", "pr_auc"}
         assert set(t["ci"]) >= {"accuracy", "covid_sensitivity", "covid_specificity", "macro_roc_auc"}
+        details = json.loads((demo_repo / f"reports/evaluate/{name}.json").read_text())
+        assert sum(sum(row.values()) for row in details["confusion"].values()) == t["n"]
+        assert set(details["weighted"]) >= {"precision", "recall", "f1", "roc_auc"}
         tri = m["triage"]
         assert tri["class"] == "COVID" and 0 <= tri["threshold"] <= 1
         # the threshold was chosen on validation to reach the target sensitivity there
