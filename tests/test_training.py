@@ -77,11 +77,11 @@ def test_baseline_without_feature_cache_and_with_mixed_precision_and_xla(tmp_pat
 def test_finetune_keeps_start_when_no_epoch_improves(tmp_path):
     s = _splits()
     p = _params()
-    model, _ = training.baseline(p, CLASSES, s, _Log(tmp_path / "a").live)
+    model, _ = training.baseline(p, CLASSES, s, _live(tmp_path / "a"))
     path = tmp_path / "baseline.keras"
     training.save(model, path, training.model_info(p, CLASSES, "COVID"))
     p["finetune"]["learning_rate"] = 0.9  # far too large: no epoch can beat the start
-    tuned, summary = training.finetune(p, CLASSES, s, path, _Log(tmp_path / "b").live)
+    tuned, summary = training.finetune(p, CLASSES, s, path, _live(tmp_path / "b"))
     assert summary["best_epoch"] == 0
     for a, b in zip(model.get_weights(), tuned.get_weights()):
         np.testing.assert_array_equal(a, b)
