@@ -1,6 +1,5 @@
 """cxr.download: archive safety, finding a local copy, fetch() from a folder or an archive, and offline failure."""
 import io
-import os
 import stat
 import tarfile
 import time
