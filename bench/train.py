@@ -1,5 +1,6 @@
-"""Benchmark the baseline (train) stage: seconds per epoch with and without the feature cache, and the
-whole stage, on the data the pipeline has prepared (data/clean + data/split.csv for params.yaml's dataset).
+"""Benchmark training on the data the pipeline has prepared (data/clean + data/split.csv for params.yaml's
+dataset): the baseline (train) stage with and without the feature cache, and fine-tuning, as seconds per
+epoch, training images/s and end-to-end time.
 
     python bench/train.py [--epochs 3] [--set key=value ...]
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from pathlib import Path
 
 import yaml
 
@@ -45,12 +47,27 @@ def main() -> None:
 
             logger = Live(dir=tmp, dvcyaml=False, save_dvc_exp=False, report=None)
             t0 = time.perf_counter()
-            _, summary = training.baseline(p, ds["classes"], splits, logger)
+            model, summary = training.baseline(p, ds["classes"], splits, logger)
             total = time.perf_counter() - t0
         per_epoch = summary["seconds_per_epoch"]
         extra = f"; one-off feature pass {summary['feature_cache_seconds']:.1f}s" if cache else " (augmentation on)"
-        print(f"feature_cache={str(cache).lower():5}: {per_epoch:7.2f} s/epoch = {n / per_epoch:8.1f} train images/s{extra}; "
+        print(f"train, feature_cache={str(cache).lower():5}: {per_epoch:7.2f} s/epoch = {n / per_epoch:8.1f} train images/s{extra}; "
               f"{args.epochs} epochs end to end {total:.1f}s")
+        if cache:
+            baseline_model = model
+    p["finetune"].update(epochs=args.epochs, patience=args.epochs + 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        from dvclive import Live
+
+        path = Path(tmp) / "baseline.keras"
+        training.save(baseline_model, path, training.model_info(p, ds["classes"], ds["positive"]))
+        logger = Live(dir=tmp + "/live", dvcyaml=False, save_dvc_exp=False, report=None)
+        t0 = time.perf_counter()
+        _, summary = training.finetune(p, ds["classes"], splits, path, logger)
+        total = time.perf_counter() - t0
+    per_epoch = summary["seconds_per_epoch"]
+    print(f"finetune (top {p['finetune']['unfreeze']} layers): {per_epoch:7.2f} s/epoch = {n / per_epoch:8.1f} train images/s; "
+          f"{args.epochs} epochs end to end {total:.1f}s")
 
 
 if __name__ == "__main__":
