@@ -13,13 +13,20 @@ from . import atomic, data, models, paths
 log = logging.getLogger("training")
 
 
-def set_determinism(seed: int) -> None:
-    """Same params and data -> same weights on CPU."""
+def set_determinism(seed: int, ops: bool = True) -> None:
+    """Seeds everything; with `ops`, deterministic TensorFlow ops too (same params and data -> same
+    weights). Keras runs XLA only without op determinism, so runtime.xla trades it away."""
     import keras
     import tensorflow as tf
 
     keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
+    if ops:
+        tf.config.experimental.enable_op_determinism()
+    else:
+        from tensorflow.python.framework import config  # the public API can only switch it on
+
+        config.disable_op_determinism()
+        log.info("XLA on: deterministic ops off, results may vary slightly between runs")
 
 
 def configure_runtime(runtime: dict):
@@ -87,7 +94,7 @@ def baseline(p: dict, classes: list[str], splits: dict[str, data.Subset], logger
     """Build the frozen-backbone model and train its head. With train.feature_cache the backbone runs
     once over train and val (no augmentation), and the head trains on the cached pooled features."""
     cfg, runtime = p["train"], p["runtime"]
-    set_determinism(cfg["seed"])
+    set_determinism(cfg["seed"], ops=not runtime["xla"])
     strategy = configure_runtime(runtime)
     bs = cfg["batch_size"] * strategy.num_replicas_in_sync
     size = splits["train"].images.shape[1]
@@ -126,7 +133,7 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
     """Unfreeze the top `finetune.unfreeze` backbone layers (BatchNorm stays frozen) and train on,
     with a lower learning rate, augmentation and its own early stopping."""
     cfg, runtime = p["finetune"], p["runtime"]
-    set_determinism(cfg["seed"])
+    set_determinism(cfg["seed"], ops=not runtime["xla"])
     strategy = configure_runtime(runtime)
     bs = cfg["batch_size"] * strategy.num_replicas_in_sync
     with strategy.scope():

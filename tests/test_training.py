@@ -70,6 +70,7 @@ def test_baseline_without_feature_cache_and_with_mixed_precision_and_xla(tmp_pat
     p["runtime"].update(mixed_precision=True, xla=True)
     model, summary = training.baseline(p, CLASSES, _splits(), _live(tmp_path))
     assert summary["epochs_run"] == 2
+    assert model.jit_compile  # XLA really on (Keras silently drops it under op determinism)
     assert model.output.dtype == "float32"  # the softmax stays float32 under mixed precision
     assert model.get_layer("backbone").layers[1].compute_dtype == "float16"
 
