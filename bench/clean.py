@@ -1,6 +1,6 @@
 """Benchmark the clean stage's decoding: images/s with one process and with all cores.
 
-    CXR_DATA_DIR=../shared/data python bench/clean.py [--dataset covid-radiography] [--size 224] [--limit N]
+    CXR_DATA_DIR=/data/cxr python bench/clean.py [--dataset covid-radiography] [--size 224] [--limit N]
 
 Reads the dataset from CXR_DATA_DIR (or data/raw when it holds that dataset); prints figures.
 """

@@ -11,7 +11,6 @@ SPLIT = Path("data/split.csv")         # split: file, label, group, split
 MODELS = Path("models")
 BASELINE = MODELS / "baseline.keras"
 FINETUNED = MODELS / "finetuned.keras"
-FEATURES = Path("data/features")      # train: cached frozen-backbone features
 
 METRICS = Path("metrics")
 PLOTS = Path("plots")
