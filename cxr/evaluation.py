@@ -67,11 +67,13 @@ def prediction_table(subset: data.Subset, proba: np.ndarray, classes: list[str],
     """One row per image: file, label, prediction, p_<class>..., triage decision at the threshold."""
     import pandas as pd
 
+    from .predict import triage_labels
+
     table = pd.DataFrame({"file": subset.files, "label": [classes[i] for i in subset.labels],
                           "prediction": [classes[i] for i in proba.argmax(axis=1)]})
     for k, c in enumerate(classes):
         table[f"p_{c}"] = proba[:, k].round(6)
-    table["triage"] = np.where(proba[:, classes.index(positive)] >= threshold, f"{positive}-positive", f"{positive}-negative")
+    table["triage"] = np.where(proba[:, classes.index(positive)] >= threshold, *triage_labels(positive))
     return table
 
 
