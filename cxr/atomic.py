@@ -3,6 +3,7 @@ so an interrupted stage never leaves a half-written file or folder behind."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -44,6 +45,24 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale(*paths: str | os.PathLike) -> list[Path]:
+    """Delete the temporary siblings (`.<name>.*`) that atomic_path/atomic_dir leave beside each path when a
+    run is killed before it can clean up (SIGKILL, power loss). A stage calls this at its start for its own
+    outputs: DVC runs one stage at a time in a workspace, so none of them can belong to a live run.
+    Returns what was removed."""
+    removed = []
+    for path in map(Path, paths):
+        if not path.parent.is_dir():
+            continue
+        for sibling in path.parent.glob(f".{glob.escape(path.name)}.*"):
+            if sibling.is_dir() and not sibling.is_symlink():
+                shutil.rmtree(sibling, ignore_errors=True)
+            else:
+                sibling.unlink(missing_ok=True)
+            removed.append(sibling)
+    return removed
 
 
 def write_bytes(path, data: bytes) -> None:
