@@ -36,24 +36,36 @@ class Decoded:
 
 
 def _decode_one(args) -> Decoded:
-    raw, rec, size, mode, max_pixels = args
+    raw, rec, size, mode, lim = args
     path = Path(raw) / rec.file
     try:
-        pixels = images.decode(path, size, mode, max_pixels)
+        pixels = images.decode(path, size, mode, **lim)
         mask = None
         if rec.mask:
-            mask = images.decode(Path(raw) / rec.mask, size, mode, max_pixels) >= 128
+            mask = images.decode(Path(raw) / rec.mask, size, mode, **lim) >= 128
+        with open(path, "rb") as f:  # in chunks: a large file never sits in memory whole
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
     except images.DecodeError as err:
         return Decoded(rec, error=Drop(rec.file, err.reason, err.detail))
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as err:
+        return Decoded(rec, error=Drop(rec.file, "unreadable", err.strerror or str(err)))
     phash = str(imagehash.phash(Image.fromarray(pixels), hash_size=HASH_SIZE))
     return Decoded(rec, pixels, mask, digest, phash)
 
 
-def decode_all(raw: Path, records: list[Record], size: int, mode: str, max_pixels: int, workers: int) -> list[Decoded]:
-    """Decode every record, in parallel over `workers` processes (0 = all cores), in input order."""
+def limits(cfg: dict) -> dict:
+    """The decoding limits of the `clean` params (images' defaults for keys a caller leaves out)."""
+    return {"max_pixels": cfg.get("max_pixels", images.DEFAULT_MAX_PIXELS),
+            "max_aspect_ratio": cfg.get("max_aspect_ratio", images.DEFAULT_MAX_ASPECT_RATIO),
+            "min_side": cfg.get("min_side", images.DEFAULT_MIN_SIDE)}
+
+
+def decode_all(raw: Path, records: list[Record], size: int, mode: str, max_pixels: int | dict, workers: int) -> list[Decoded]:
+    """Decode every record, in parallel over `workers` processes (0 = all cores), in input order.
+    `max_pixels`: that limit alone, or a dict of images.decode's limits (see limits())."""
     workers = workers or os.cpu_count() or 1
-    jobs = [(str(raw), r, size, mode, max_pixels) for r in records]
+    lim = max_pixels if isinstance(max_pixels, dict) else {"max_pixels": max_pixels}
+    jobs = [(str(raw), r, size, mode, lim) for r in records]
     if workers == 1 or len(jobs) < 64:
         return [_decode_one(j) for j in jobs]
     with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -182,7 +194,7 @@ def summarize(n_records: int, source_drops: list[Drop], stage_drops: list[Drop],
 def run(raw: Path, out: Path, records: list[Record], source_drops: list[Drop], classes: list[str], cfg: dict) -> tuple[dict, pd.DataFrame]:
     """Decode, drop, deduplicate and write shards + manifest.csv into `out` (an empty folder).
     Returns (summary counts, dropped-files table)."""
-    decoded = decode_all(raw, records, cfg["image_size"], cfg["resize"], cfg["max_pixels"], cfg["workers"])
+    decoded = decode_all(raw, records, cfg["image_size"], cfg["resize"], limits(cfg), cfg["workers"])
     failed = [d.error for d in decoded if d.error is not None]
     ok = [d for d in decoded if d.error is None]
     kept, dup_drops = deduplicate(ok, cfg["near_duplicate_distance"])

@@ -5,6 +5,7 @@ Convention: 8-bit grayscale (0 = black, 255 = white), square `size` x `size`, EX
 """
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -58,8 +59,43 @@ def square(gray: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def decode(path: str | Path, size: int, mode: str = "pad", max_pixels: int = 60_000_000) -> np.ndarray:
-    """Decode an image file to uint8 (size, size) grayscale. Raises DecodeError with a drop reason."""
+DEFAULT_MAX_PIXELS = 60_000_000
+DEFAULT_MAX_ASPECT_RATIO = 4.0   # chest radiographs are at most ~1:2.3 in both collections
+DEFAULT_MIN_SIDE = 1
+
+
+def limit_name(key: str, style: str = "clean") -> str:
+    """How the user sets a decoding limit: `clean.max_pixels` in params.yaml, or `--max-pixels` on the command line."""
+    return f"clean.{key}" if style == "clean" else "--" + key.replace("_", "-")
+
+
+def check_size(w: int, h: int, max_pixels: int, max_aspect_ratio: float, min_side: int, style: str = "clean") -> None:
+    """Refuse, from the header alone, images too large, too small or too elongated to be worth decoding.
+    Bounds the work: padding an image to a square costs (long side)^2, at most max_pixels * max_aspect_ratio."""
+    if w <= 0 or h <= 0:
+        raise DecodeError("unreadable", f"image is {w}x{h} pixels")
+    if w * h > max_pixels:
+        raise DecodeError("decompression_bomb", f"{w}x{h} = {w * h} pixels exceeds {limit_name('max_pixels', style)}={max_pixels}")
+    if min(w, h) < min_side:
+        raise DecodeError("too_small", f"{w}x{h} pixels: shorter side under {limit_name('min_side', style)}={min_side}")
+    if max(w, h) > max_aspect_ratio * min(w, h):
+        raise DecodeError("extreme_aspect_ratio", f"{w}x{h} pixels: aspect ratio {max(w, h) / min(w, h):.4g}:1 exceeds "
+                                                  f"{limit_name('max_aspect_ratio', style)}={max_aspect_ratio:g}")
+
+
+def _bomb_detail(err: Exception, max_pixels: int, style: str) -> str:
+    """Pillow's own guard fires above its limit (and errors at twice it): say it in our words, with our limit."""
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    size = f"{found.group(1)} pixels" if found else "image size"
+    return f"{size} exceeds {limit_name('max_pixels', style)}={max_pixels}"
+
+
+def decode(path: str | Path, size: int, mode: str = "pad", max_pixels: int = DEFAULT_MAX_PIXELS, *,
+           max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, min_side: int = DEFAULT_MIN_SIDE,
+           style: str = "clean") -> np.ndarray:
+    """Decode an image file to uint8 (size, size) grayscale. Raises DecodeError with a drop reason.
+    Size limits are checked on the header, before any pixel is decoded; `style` names them in messages
+    as params (`clean.max_pixels`) or as command-line options (`--max-pixels`)."""
     path = Path(path)
     try:
         nbytes = path.stat().st_size
@@ -72,9 +108,7 @@ def decode(path: str | Path, size: int, mode: str = "pad", max_pixels: int = 60_
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             with Image.open(path) as img:
-                w, h = img.size
-                if w * h > max_pixels:
-                    raise DecodeError("decompression_bomb", f"{w}x{h} pixels exceeds clean.max_pixels={max_pixels}")
+                check_size(*img.size, max_pixels, max_aspect_ratio, min_side, style)
                 img = ImageOps.exif_transpose(img)
                 img.load()
                 gray = _to_gray(img)
@@ -83,9 +117,11 @@ def decode(path: str | Path, size: int, mode: str = "pad", max_pixels: int = 60_
         except UnidentifiedImageError:
             raise DecodeError("not_an_image", "Pillow cannot identify the file as an image") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise DecodeError("decompression_bomb", f"over clean.max_pixels={max_pixels}: {str(err).split(',')[0]}") from None
-        except (OSError, ValueError, SyntaxError) as err:
-            raise DecodeError("unreadable", str(err) or type(err).__name__) from None
+            raise DecodeError("decompression_bomb", _bomb_detail(err, max_pixels, style)) from None
+        except MemoryError:
+            raise DecodeError("unreadable", "out of memory while decoding") from None
+        except (OSError, ValueError, SyntaxError, EOFError) as err:
+            raise DecodeError("unreadable", " ".join((str(err) or type(err).__name__).split())) from None
     if gray.size == 0:
         raise DecodeError("unreadable", "image has no pixels")
     return square(gray, size, mode)
