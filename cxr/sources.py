@@ -5,7 +5,11 @@ Every file in the raw folder ends up either as a record or as a `Drop(file, reas
 """
 from __future__ import annotations
 
+import errno
+import io
+import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +39,113 @@ def _rel(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
+def _in_dvc_cache(target: Path) -> bool:
+    """A file of a DVC cache (`.../ab/cdef0123...`): DVC's symlink and hardlink cache types link outputs there."""
+    hexdigits = set("0123456789abcdef")
+    return len(target.parent.name) == 2 and set(target.parent.name) <= hexdigits and len(target.name) >= 30 \
+        and set(target.name.split(".")[0]) <= hexdigits
+
+
+def outside(path: Path, root: Path) -> str | None:
+    """Why `path` is not a file of the dataset folder `root` (None when it is one): it leaves `root` by name
+    (`..`, an absolute path), through a linked folder, or as a link to a file elsewhere (except into DVC's cache)."""
+    lexical = Path(os.path.normpath(path))
+    if not lexical.is_relative_to(os.path.normpath(root)):
+        return "the path leaves the dataset folder"
+    try:
+        real_root = root.resolve()
+        if not lexical.parent.resolve().is_relative_to(real_root):
+            return "a linked folder leads outside the dataset folder"
+        if lexical.is_symlink():
+            target = lexical.resolve()
+            if not (target.is_relative_to(real_root) or _in_dvc_cache(target)):
+                return "a link to a file outside the dataset folder"
+    except RuntimeError:  # a link loop
+        return "a link that loops"
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "a link that loops"
+    return None
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a name too long for the file system
+        return False
+
+
+def scan(root: Path) -> tuple[list[Path], list[Drop]]:
+    """Every regular file below root, sorted, and a drop for everything else found there: links that leave
+    root or lead nowhere, linked folders (never entered), and special files (pipes, sockets, devices)."""
+    files, drops = [], []
+    for dirpath, dirnames, filenames in os.walk(root):  # followlinks=False: linked folders are listed, not entered
+        here = Path(dirpath)
+        for name in dirnames:
+            if (here / name).is_symlink():
+                drops.append(Drop(_rel(here / name, root), "link", "a linked folder: not followed"))
+        for name in filenames:
+            path = here / name
+            why = outside(path, root) if path.is_symlink() else None
+            if why:
+                drops.append(Drop(_rel(path, root), "outside_dataset", why))
+            elif not path.exists():
+                drops.append(Drop(_rel(path, root), "broken_link", "a link to nothing"))
+            elif not path.is_file():
+                drops.append(Drop(_rel(path, root), "not_a_regular_file", "a pipe, socket or device"))
+            else:
+                files.append(path)
+    return sorted(files), sorted(drops, key=lambda d: d.file)
+
+
 def _all_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file())
+    return scan(root)[0]
+
+
+MAX_TABLE_BYTES = 512 * 2**20
+
+
+def read_table(path: Path, required: set[str]) -> pd.DataFrame:
+    """A metadata CSV as strings, exactly as written: no value becomes NaN ('NA', 'None', 'nan' are names),
+    missing fields are ''. Anything that is not a UTF-8 CSV table with the required columns is a UserError."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_TABLE_BYTES:
+            raise UserError(f"{path}: {size} bytes is too large for a metadata table")
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read it ({err.strerror or err})") from None
+    if b"\0" in data:
+        raise UserError(f"{path}: binary data, not a CSV table")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {data[err.start]:#04x} at offset {err.start}); save it as UTF-8") from None
+    if not text.strip():
+        raise UserError(f"{path}: empty, expected a CSV table with columns {', '.join(sorted(required))}")
+    try:
+        with warnings.catch_warnings():  # a row longer than the header would silently shift every column
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False, index_col=False)
+    except (pd.errors.ParserError, pd.errors.ParserWarning, pd.errors.EmptyDataError, ValueError) as err:
+        first = " ".join(str(err).split())[:200]
+        raise UserError(f"{path}: not a well-formed CSV table ({first})") from None
+    table.columns = [str(c).strip() for c in table.columns]
+    missing = required - set(table.columns)
+    if missing:
+        raise UserError(f"{path}: missing columns {', '.join(sorted(missing))}")
+    return table.fillna("").astype(str)
+
+
+def _named(raw: Path, base: Path, *parts: str) -> tuple[Path, str | None]:
+    """A file named in a metadata table (relative to base), normalised; and why it is refused, if it is."""
+    path = Path(os.path.normpath(os.path.join(base, *parts)))
+    return path, outside(path, raw)
+
+
+def _already_dropped(path: Path, raw: Path, drops: list[Drop]) -> bool:
+    """A file scan() has dropped already (a link leaving raw, a dangling link): one drop per file, not two."""
+    return path.is_relative_to(raw) and _rel(path, raw) in {d.file for d in drops}
 
 
 def _norm(name: str) -> str:
@@ -66,14 +175,16 @@ def _radiography_root(raw: Path) -> Path:
 
 def radiography(raw: Path, classes: list[str]) -> tuple[list[Record], list[Drop]]:
     """Both archive layouts: `<class>/images/*.png` (+ `masks/`) and the older `<CLASS>/*.png`."""
+    raw = Path(os.path.normpath(raw))
     root = _radiography_root(raw)
     wanted = {_norm(c): c for c in classes}
     known = {_norm(c) for c in RADIOGRAPHY_CLASSES}
     unknown = [c for c in classes if _norm(c) not in known]
     if unknown:
         raise UserError(f"datasets.covid-radiography.classes: unknown class {unknown[0]!r}; the archive has {', '.join(RADIOGRAPHY_CLASSES)}")
-    records, drops = [], []
-    for path in _all_files(raw):
+    files, drops = scan(raw)
+    records = []
+    for path in files:
         rel = _rel(path, raw)
         parts = path.relative_to(root).parts if path.is_relative_to(root) else ()
         cls = _norm(parts[0]) if len(parts) >= 2 else None
@@ -93,8 +204,9 @@ def radiography(raw: Path, classes: list[str]) -> tuple[list[Record], list[Drop]
 
 # --- ieee8023 covid-chestxray-dataset -----------------------------------------------------------
 
-def _find_file(raw: Path, name: str) -> Path:
-    hits = sorted(raw.rglob(name), key=lambda p: len(p.parts))
+def _find_file(raw: Path, name: str, files: list[Path] | None = None) -> Path:
+    """The shallowest file called `name` among `files` (default: scan(raw)), so a link never stands in for it."""
+    hits = sorted((p for p in (scan(raw)[0] if files is None else files) if p.name == name), key=lambda p: (len(p.parts), p))
     if not hits:
         raise UserError(f"{raw}: no {name} found; is this the right dataset?")
     return hits[0]
@@ -107,18 +219,25 @@ def is_covid_finding(finding: str) -> bool:
 
 def chestxray(raw: Path, classes: list[str], positive: str, views: list[str]) -> tuple[list[Record], list[Drop]]:
     """Binary COVID-19 vs non-COVID, frontal X-rays only, grouped by patient."""
-    meta_path = _find_file(raw, "metadata.csv")
+    raw = Path(os.path.normpath(raw))
+    files, drops = scan(raw)
+    scan_drops = list(drops)
+    meta_path = _find_file(raw, "metadata.csv", files)
     base = meta_path.parent
-    meta = pd.read_csv(meta_path, dtype=str, keep_default_na=False)
-    missing_cols = {"patientid", "finding", "view", "modality", "filename"} - set(meta.columns)
-    if missing_cols:
-        raise UserError(f"{meta_path}: missing columns {', '.join(sorted(missing_cols))}")
+    meta = read_table(meta_path, {"patientid", "finding", "view", "modality", "filename"})
     negative = next(c for c in classes if c != positive)
     frontal = {v.strip().lower() for v in views}
-    records, drops, referenced = [], [], set()
+    records, referenced = [], set()
     for row in meta.itertuples(index=False):
         folder = getattr(row, "folder", "") or "images"
-        path = base / folder / row.filename
+        path, refused = _named(raw, base, folder, row.filename)
+        if _already_dropped(path, raw, scan_drops):
+            continue
+        if refused or not row.filename:
+            named = f"{folder}/{row.filename}"
+            drops.append(Drop(named, "outside_dataset", f"named in metadata.csv: {refused}; refused") if refused
+                         else Drop(named, "missing_file", "metadata.csv names no file"))
+            continue
         rel = _rel(path, raw)
         referenced.add(path)
         finding = row.finding.strip()
@@ -128,12 +247,13 @@ def chestxray(raw: Path, classes: list[str], positive: str, views: list[str]) ->
             drops.append(Drop(rel, "view_excluded", f"view {row.view!r} is not in datasets.covid-chestxray.views"))
         elif finding.lower() in ("", "todo", "unknown"):
             drops.append(Drop(rel, "unknown_finding", f"finding {finding!r}"))
-        elif not path.is_file():
+        elif not _is_file(path):
             drops.append(Drop(rel, "missing_file", "named in metadata.csv but not present"))
         else:
             label = positive if is_covid_finding(finding) else negative
-            records.append(Record(rel, label, group=f"patient-{row.patientid.strip()}"))
-    for path in _all_files(raw):
+            pid = row.patientid.strip()  # no patient id: the image is its own group, not one with every other such image
+            records.append(Record(rel, label, group=f"patient-{pid}" if pid else f"image-{rel}"))
+    for path in files:
         if path in referenced or path == meta_path:
             continue
         rel = _rel(path, raw)
@@ -148,23 +268,34 @@ def chestxray(raw: Path, classes: list[str], positive: str, views: list[str]) ->
 
 def demo(raw: Path, classes: list[str]) -> tuple[list[Record], list[Drop]]:
     """The generated demo set: metadata.csv (file, label, patientid, mask), images/, masks/."""
+    raw = Path(os.path.normpath(raw))
     meta_path = raw / "metadata.csv"
-    if not meta_path.is_file():
+    if not meta_path.is_file() or outside(meta_path, raw):
         raise UserError(f"{raw}: no metadata.csv; run the download stage with dataset: demo")
-    meta = pd.read_csv(meta_path, dtype=str, keep_default_na=False)
-    records, drops, referenced = [], [], {meta_path}
+    meta = read_table(meta_path, {"file", "label", "patientid", "mask"})
+    files, drops = scan(raw)
+    scan_drops = list(drops)
+    records, referenced = [], {meta_path}
     for row in meta.itertuples(index=False):
-        path = raw / row.file
+        path, refused = _named(raw, raw, row.file)
+        if _already_dropped(path, raw, scan_drops):
+            continue
+        mask, mask_refused = _named(raw, raw, row.mask) if row.mask else (None, None)
+        if refused or mask_refused or not row.file:
+            drops.append(Drop(row.file, "outside_dataset", f"named in metadata.csv: {refused or mask_refused}; refused")
+                         if refused or mask_refused else Drop(row.file, "missing_file", "metadata.csv names no file"))
+            continue
+        rel = _rel(path, raw)
         referenced.add(path)
-        if row.mask:
-            referenced.add(raw / row.mask)
+        if mask is not None:
+            referenced.add(mask)
         if row.label not in classes:
-            drops.append(Drop(row.file, "class_not_selected", f"label {row.label!r}"))
-        elif not path.is_file():
-            drops.append(Drop(row.file, "missing_file", "named in metadata.csv but not present"))
+            drops.append(Drop(rel, "class_not_selected", f"label {row.label!r}"))
+        elif not _is_file(path):
+            drops.append(Drop(rel, "missing_file", "named in metadata.csv but not present"))
         else:
-            records.append(Record(row.file, row.label, group=row.patientid, mask=row.mask or None))
-    for path in _all_files(raw):
+            records.append(Record(rel, row.label, group=row.patientid or f"image-{rel}", mask=_rel(mask, raw) if mask is not None else None))
+    for path in files:
         if path not in referenced:
             reason = "unlabeled" if path.suffix.lower() in IMAGE_SUFFIXES else "auxiliary_file"
             drops.append(Drop(_rel(path, raw), reason, "not named in metadata.csv"))
