@@ -4,20 +4,32 @@ Network access happens here and nowhere else in the project.
 """
 from __future__ import annotations
 
+import errno
+import gzip
 import hashlib
 import logging
+import lzma
 import os
 import shutil
+import stat
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from .atomic import atomic_dir
 from .errors import UserError
+from .sources import Drop
 
 log = logging.getLogger("download")
 ENV = "CXR_DATA_DIR"
+DROPPED_REPORT = Path("reports/download_dropped.csv")   # files of a local copy that were not copied, with reasons
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+# Limits on what an archive may unpack to (params: download.max_bytes, download.max_ratio).
+DEFAULT_MAX_BYTES = 20_000_000_000
+DEFAULT_MAX_RATIO = 100.0
+RATIO_FLOOR = 16 * 2**20   # below this many bytes unpacked, a high compression ratio is harmless (text, blank images)
+CHUNK = 2**20
 
 
 def _unsafe_member(name: str) -> bool:
@@ -25,31 +37,168 @@ def _unsafe_member(name: str) -> bool:
     return p.is_absolute() or ".." in p.parts or (len(name) > 1 and name[1] == ":")
 
 
-def safe_extract(archive: Path, target: Path) -> None:
-    """Extract a zip or tar archive into target; refuse the whole archive if any member would land outside it."""
-    if archive.name.endswith(".zip"):
-        with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
-                is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
-                if _unsafe_member(info.filename) or is_link:
-                    raise UserError(f"{archive}: refusing unsafe archive member {info.filename!r} (path escapes the target)")
-            zf.extractall(target)
-    else:
-        with tarfile.open(archive) as tf:
-            for m in tf.getmembers():
-                if _unsafe_member(m.name) or m.issym() or m.islnk() or m.isdev():
-                    raise UserError(f"{archive}: refusing unsafe archive member {m.name!r} (path escapes the target)")
-            tf.extractall(target, filter="data")
+def _too_big(archive: Path, what: str, size: int, limit: int | float, key: str) -> UserError:
+    return UserError(f"{archive}: refusing to extract, {what} {size:,} exceeds download.{key}={limit:,} "
+                     f"(a decompression bomb, or raise download.{key})")
+
+
+def _check_totals(archive: Path, total: int, max_bytes: int, max_ratio: float) -> None:
+    if total > max_bytes:
+        raise _too_big(archive, "uncompressed size", total, max_bytes, "max_bytes")
+    packed = max(archive.stat().st_size, 1)
+    if total > RATIO_FLOOR and total > max_ratio * packed:
+        raise UserError(f"{archive}: refusing to extract, it unpacks {total / packed:,.0f} times its size "
+                        f"(over download.max_ratio={max_ratio:g}): a decompression bomb, or raise download.max_ratio")
+
+
+def _extract_zip(archive: Path, target: Path, max_bytes: int, max_ratio: float) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+        total = 0
+        for info in infos:
+            is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
+            if _unsafe_member(info.filename) or is_link:
+                raise UserError(f"{archive}: refusing unsafe archive member {info.filename!r} (path escapes the target)")
+            if info.flag_bits & 0x1:
+                raise UserError(f"{archive}: member {info.filename!r} is encrypted; give an unencrypted archive or the extracted folder")
+            total += info.file_size
+            if info.file_size > RATIO_FLOOR and info.file_size > max_ratio * max(info.compress_size, 1):
+                raise UserError(f"{archive}: refusing to extract, member {info.filename!r} unpacks "
+                                f"{info.file_size / max(info.compress_size, 1):,.0f} times its size (over "
+                                f"download.max_ratio={max_ratio:g}): a decompression bomb, or raise download.max_ratio")
+        _check_totals(archive, total, max_bytes, max_ratio)
+        written = 0
+        for info in infos:
+            parts = [q for q in PurePosixPath(info.filename.replace("\\", "/")).parts if q not in ("", ".")]
+            if not parts:
+                continue
+            dest = target.joinpath(*parts)
+            if info.is_dir():
+                dest.mkdir(parents=True, exist_ok=True)
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(dest, "wb") as out:
+                n = 0
+                while chunk := src.read(CHUNK):
+                    n += len(chunk)
+                    written += len(chunk)
+                    if n > info.file_size:  # the header understates the member: stop at what it declared
+                        raise UserError(f"{archive}: member {info.filename!r} holds more than its declared size; corrupt archive")
+                    if written > max_bytes:
+                        raise _too_big(archive, "uncompressed size", written, max_bytes, "max_bytes")
+                    out.write(chunk)
+
+
+def _extract_tar(archive: Path, target: Path, max_bytes: int, max_ratio: float) -> None:
+    with tarfile.open(archive) as tf:
+        total = 0
+        for m in tf:  # lazily: a bomb is refused before its data is read
+            if _unsafe_member(m.name) or not (m.isfile() or m.isdir()):
+                raise UserError(f"{archive}: refusing unsafe archive member {m.name!r} (path escapes the target, "
+                                f"or a link, device or pipe)")
+            total += m.size
+            if total > max_bytes:
+                raise _too_big(archive, "uncompressed size", total, max_bytes, "max_bytes")
+        _check_totals(archive, total, max_bytes, max_ratio)
+        tf.extractall(target, filter="data")
+
+
+def safe_extract(archive: Path, target: Path, max_bytes: int = DEFAULT_MAX_BYTES, max_ratio: float = DEFAULT_MAX_RATIO) -> None:
+    """Extract a zip or tar archive into target. The whole archive is refused (UserError, one line) if any member
+    would land outside target or is a link or special file, if it is encrypted, corrupt or truncated, or if it
+    unpacks to more than max_bytes or more than max_ratio times its own size."""
+    archive, target = Path(archive), Path(target)
+    try:
+        if archive.name.lower().endswith(".zip"):
+            _extract_zip(archive, target, max_bytes, max_ratio)
+        else:
+            _extract_tar(archive, target, max_bytes, max_ratio)
+    except UserError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError,
+            gzip.BadGzipFile, NotImplementedError, RuntimeError, ValueError) as err:
+        detail = " ".join(str(err).split())[:200] or type(err).__name__
+        raise UserError(f"{archive}: corrupt, truncated or unsupported archive ({detail})") from None
+    except OSError as err:
+        if err.errno is None:  # raised by the decompressor (bad data), not by the file system
+            raise UserError(f"{archive}: corrupt or truncated archive ({' '.join(str(err).split())[:200]})") from None
+        raise
+
+
+def copy_tree(src: Path, dst: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> list[Drop]:
+    """Copy the regular files below src into dst without ever leaving src: a link to a file inside src is
+    copied as that file; links that leave src, lead nowhere or loop, links to folders (not followed), and
+    pipes, sockets and devices are not copied but returned as drops (file relative to src, reason)."""
+    root = Path(src).resolve()
+    drops: list[Drop] = []
+    copied = 0
+
+    def copy(from_path: str | Path, rel: PurePosixPath) -> None:
+        nonlocal copied
+        out = dst.joinpath(*rel.parts)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(from_path, "rb") as f_in, open(out, "wb") as f_out:
+                while chunk := f_in.read(CHUNK):
+                    copied += len(chunk)
+                    if copied > max_bytes:
+                        raise UserError(f"{src}: holds more than download.max_bytes={max_bytes:,} bytes; raise it if that is right")
+                    f_out.write(chunk)
+        except PermissionError as err:
+            out.unlink(missing_ok=True)
+            drops.append(Drop(rel.as_posix(), "unreadable", err.strerror or "permission denied"))
+
+    def walk(folder: Path, rel: PurePosixPath) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            drops.append(Drop(rel.as_posix() or ".", "unreadable", err.strerror or str(err)))
+            return
+        for e in entries:
+            r = rel / e.name
+            if e.is_symlink():
+                try:
+                    target = Path(os.path.realpath(e.path, strict=True))
+                except OSError as err:
+                    loop = err.errno == errno.ELOOP
+                    drops.append(Drop(r.as_posix(), "broken_link", "a link that loops" if loop else "a link to nothing"))
+                    continue
+                if not target.is_relative_to(root):
+                    drops.append(Drop(r.as_posix(), "outside_dataset", "a link to something outside the dataset folder"))
+                elif target.is_dir():
+                    drops.append(Drop(r.as_posix(), "link", "a linked folder: not followed"))
+                elif stat.S_ISREG(target.stat().st_mode):
+                    copy(target, r)
+                else:
+                    drops.append(Drop(r.as_posix(), "not_a_regular_file", "a link to a pipe, socket or device"))
+            elif e.is_dir(follow_symlinks=False):
+                dst.joinpath(*r.parts).mkdir(parents=True, exist_ok=True)
+                walk(Path(e.path), r)
+            elif e.is_file(follow_symlinks=False):
+                copy(e.path, r)
+            else:
+                drops.append(Drop(r.as_posix(), "not_a_regular_file", "a pipe, socket or device"))
+
+    walk(root, PurePosixPath())
+    return drops
 
 
 def find_local(name: str, data_dir: str | None) -> Path | None:
-    """`<data_dir>/<name>/` or `<data_dir>/<name>.zip|.tar.gz`; None when CXR_DATA_DIR is unset."""
+    """`<data_dir>/<name>/` or `<data_dir>/<name>.zip|.tar|.tar.gz|.tgz`; None when CXR_DATA_DIR is unset."""
     if not data_dir:
         return None
     base = Path(data_dir).expanduser()
-    candidates = [base / name] + [base / f"{name}{s}" for s in ARCHIVE_SUFFIXES]
-    for c in candidates:
+    if base.exists() and not base.is_dir():
+        raise UserError(f"{ENV}={data_dir} is a file; it must be a folder holding {name}/ or {name}.zip")
+    folder = base / name
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file, expected the extracted dataset folder (an archive is named {name}.zip or {name}.tar.gz)")
+    if folder.is_dir():
+        return folder
+    for c in (base / f"{name}{s}" for s in ARCHIVE_SUFFIXES):
         if c.exists():
+            if not c.is_file():
+                raise UserError(f"{c} is not a file; an archive of the dataset was expected there")
             return c
     raise UserError(f"{ENV}={data_dir} holds neither {name}/ nor {name}.zip; put the dataset there or unset {ENV} to download it")
 
@@ -71,17 +220,30 @@ def _kaggle(handle: str, name: str) -> Path:
 
 
 def fingerprint(root: Path) -> dict:
-    """File count, bytes and one sha256 over every file's path and content."""
+    """File count, bytes and one sha256 over every file's path and content (read in chunks)."""
     h, n, size = hashlib.sha256(), 0, 0
     for p in sorted(q for q in root.rglob("*") if q.is_file()):
-        data = p.read_bytes()
-        h.update(p.relative_to(root).as_posix().encode() + b"\0" + hashlib.sha256(data).digest())
-        n, size = n + 1, size + len(data)
+        with open(p, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").digest()
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + digest)
+        n, size = n + 1, size + p.stat().st_size
     return {"files": n, "bytes": size, "sha256": h.hexdigest()}
 
 
-def fetch(name: str, ds: dict, dest: Path) -> dict:
-    """Put dataset `name` at dest (atomically) and return a record of where it came from."""
+def summarize_drops(drops: list[Drop]) -> dict:
+    reasons: dict[str, int] = {}
+    for d in drops:
+        reasons[d.reason] = reasons.get(d.reason, 0) + 1
+    return {"dropped": len(drops), "dropped_by_reason": dict(sorted(reasons.items()))}
+
+
+def fetch(name: str, ds: dict, dest: Path, limits: dict | None = None) -> dict:
+    """Put dataset `name` at dest (atomically) and return a record of where it came from, with the files
+    not copied (links leaving the copy, special files) as `drops` (a list of Drop). `limits`: the
+    `download` params (max_bytes, max_ratio)."""
+    limits = limits or {}
+    max_bytes = limits.get("max_bytes", DEFAULT_MAX_BYTES)
+    max_ratio = limits.get("max_ratio", DEFAULT_MAX_RATIO)
     if name == "demo":
         from . import demo
 
@@ -89,6 +251,7 @@ def fetch(name: str, ds: dict, dest: Path) -> dict:
             demo.generate(tmp, per_class=ds["per_class"], size=ds["size"], seed=ds["seed"], bad_files=ds["bad_files"])
             record = {"source": "generated", "version": f"seed {ds['seed']}"}
             record.update(fingerprint(tmp))
+            record.update(summarize_drops([]), drops=[])
         return record
 
     local = find_local(name, os.environ.get(ENV))
@@ -99,14 +262,18 @@ def fetch(name: str, ds: dict, dest: Path) -> dict:
         source = f"kaggle:{ds['kaggle']}"
         version = local.name if local.parent.name == "versions" else "unknown"
     with atomic_dir(dest) as tmp:
+        drops: list[Drop] = []
         if local.is_dir():
             log.info("copying %s", local)
-            shutil.copytree(local, tmp, dirs_exist_ok=True, symlinks=False)
+            drops = copy_tree(local, tmp, max_bytes)
         else:
             log.info("extracting %s", local)
-            safe_extract(local, tmp)
+            safe_extract(local, tmp, max_bytes, max_ratio)
         record = {"source": source, "version": version}
         record.update(fingerprint(tmp))
         if record["files"] == 0:
-            raise UserError(f"{local} is empty")
+            raise UserError(f"{local} is empty" + (f" (apart from {len(drops)} link(s) or special file(s) not copied)" if drops else ""))
+        for d in drops:
+            log.warning("not copied: %s (%s: %s)", d.file, d.reason, d.detail)
+        record.update(summarize_drops(drops), drops=drops)
     return record
