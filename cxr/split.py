@@ -8,8 +8,59 @@ import numpy as np
 import pandas as pd
 
 from .clean import UnionFind, close_pairs, hash_words
+from .errors import UserError
 
 SPLITS = ("train", "val", "test")
+TEXT_COLUMNS = ("file", "label", "group", "sha256", "phash")
+
+
+def read_manifest(path) -> pd.DataFrame:
+    """clean's manifest.csv with its names as written: a file or patient called 'NA', 'nan' or 'None' stays
+    that string (pandas' default would turn it into a missing value and the image would fall out of the split)."""
+    m = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    missing = set(TEXT_COLUMNS) - set(m.columns)
+    if missing:
+        raise UserError(f"{path}: missing columns {', '.join(sorted(missing))}: rerun `dvc repro clean`")
+    for col in ("shard", "index"):
+        if col in m:
+            m[col] = m[col].astype(int)
+    if "has_mask" in m:
+        m["has_mask"] = m["has_mask"].map({"True": True, "False": False})
+    return m
+
+
+def fractions(val: float, test: float) -> dict[str, float]:
+    return {"train": 1 - val - test, "val": val, "test": test}
+
+
+def _fraction_name(split: str) -> str:
+    return "1 - split.val_fraction - split.test_fraction" if split == "train" else f"split.{split}_fraction"
+
+
+def check_expected(labels: pd.Series, fracs: dict[str, float], min_per_class: int) -> None:
+    """Up front, before any assignment: refuse fractions that leave some class with fewer than min_per_class
+    images expected in some split (an empty test class makes every per-class figure undefined)."""
+    counts = labels.value_counts()
+    for split, f in fracs.items():
+        for cls, n in sorted(counts.items()):
+            if n * f < min_per_class:
+                raise UserError(f"{_fraction_name(split)} = {f:g} leaves class {cls!r} about {n * f:.1f} {split} images "
+                                f"(of {n}), under split.min_per_class={min_per_class}: raise the fraction, or lower split.min_per_class")
+
+
+def check_result(table: pd.DataFrame, manifest: pd.DataFrame, classes: list[str], min_per_class: int) -> None:
+    """After assignment: every image in exactly one split, and every class at least min_per_class times in each."""
+    sizes = table["split"].value_counts()
+    if len(table) != len(manifest) or table["split"].isna().any() or not set(sizes.index) <= set(SPLITS) \
+            or int(sizes.sum()) != len(manifest):
+        raise AssertionError(f"split sizes {sizes.to_dict()} do not add up to the {len(manifest)} images kept by clean")
+    per = pd.crosstab(table["label"], table["split"]).reindex(index=classes, columns=list(SPLITS), fill_value=0)
+    for split in SPLITS:
+        for cls in classes:
+            if per.at[cls, split] < min_per_class:
+                raise UserError(f"the {split} split has {per.at[cls, split]} image(s) of class {cls!r}, under split.min_per_class="
+                                f"{min_per_class} (patients and near-duplicate groups are never divided, and some are large): "
+                                f"raise {_fraction_name(split)}, or lower split.min_per_class")
 
 
 def phashes(manifest: pd.DataFrame) -> np.ndarray:
@@ -59,7 +110,7 @@ def make_split(manifest: pd.DataFrame, val: float, test: float, seed: int, group
     """The split manifest: file, label, group, split (rows in manifest order)."""
     out = manifest[["file", "label"]].copy()
     out["group"] = merge_groups(manifest, group_distance)
-    out["split"] = assign(out["label"], out["group"], {"train": 1 - val - test, "val": val, "test": test}, seed)
+    out["split"] = assign(out["label"], out["group"], fractions(val, test), seed)
     return out
 
 

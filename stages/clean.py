@@ -15,6 +15,7 @@ log = logging.getLogger("clean")
 def main() -> None:
     t0 = time.perf_counter()
     p = params.load()
+    atomic.remove_stale(paths.CLEAN, paths.CLEAN_DROPPED, paths.CLEAN_METRICS)  # left by a killed run
     ds = params.dataset(p)
     records, source_drops = sources.load(ds["name"], paths.RAW, ds)
     log.info("%s: %d labelled images, %d files set aside by the layout", ds["name"], len(records), len(source_drops))

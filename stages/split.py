@@ -2,8 +2,6 @@
 import logging
 import time
 
-import pandas as pd
-
 from cxr import atomic, params, paths
 from cxr import split as splitting
 from cxr.errors import UserError, cli
@@ -15,11 +13,14 @@ log = logging.getLogger("split")
 def main() -> None:
     t0 = time.perf_counter()
     p = params.load()
+    atomic.remove_stale(paths.SPLIT, paths.SPLIT_METRICS)  # left by a killed run
     cfg, classes = p["split"], params.dataset(p)["classes"]
     if not paths.CLEAN_MANIFEST.exists():
         raise UserError(f"{paths.CLEAN_MANIFEST} not found: run `dvc repro clean` first")
-    manifest = pd.read_csv(paths.CLEAN_MANIFEST, dtype={"group": str, "phash": str})
+    manifest = splitting.read_manifest(paths.CLEAN_MANIFEST)
+    splitting.check_expected(manifest["label"], splitting.fractions(cfg["val_fraction"], cfg["test_fraction"]), cfg.get("min_per_class", 1))
     table = splitting.make_split(manifest, cfg["val_fraction"], cfg["test_fraction"], cfg["seed"], cfg["group_distance"])
+    splitting.check_result(table, manifest, classes, cfg.get("min_per_class", 1))
     leaks = splitting.leakage(table, manifest, cfg["group_distance"])
     if leaks["total"]:
         raise AssertionError(f"split leaks across train/val/test: {leaks}")
