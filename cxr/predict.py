@@ -8,7 +8,8 @@
 
 One CSV row per input file: path, prediction, p_<class> per class, triage, error. A file that cannot be
 decoded gets an error row (`reason: detail`, as cxr.images.DecodeError names it) and the others are still
-predicted. Exit code 0: all predicted; 1: some file failed; 2: usage error (one line, no traceback).
+predicted. Exit code 0: all predicted; 1: some file failed; 2: usage error (one line, no traceback, found
+before any image is decoded: inputs, model and sidecars, a place to write --out); 3: internal error (a bug).
 
 Nothing here imports TensorFlow at module level: `--help`, usage errors and the decoding workers stay light.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import logging
 import math
 import multiprocessing
@@ -36,7 +38,8 @@ log = logging.getLogger("predict")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 DEFAULT_OUT = "predictions.csv"
-DEFAULT_MAX_PIXELS = 60_000_000      # the same default as cxr.images.decode and clean.max_pixels
+DEFAULT_MAX_PIXELS = images.DEFAULT_MAX_PIXELS              # the same defaults as clean's params
+DEFAULT_MAX_ASPECT_RATIO = images.DEFAULT_MAX_ASPECT_RATIO
 GRADCAM_ALPHA = 0.4                  # heatmap opacity, as params.yaml gradcam.alpha
 
 
@@ -79,6 +82,11 @@ class Item(NamedTuple):
 Decoder = Callable[[Path, int, str, int], np.ndarray]
 
 
+def decode_image(path: Path, size: int, mode: str, max_pixels: int, max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> np.ndarray:
+    """cxr.images.decode, its limits named as this command's options (`--max-pixels`) in error rows."""
+    return images.decode(path, size, mode, max_pixels, max_aspect_ratio=max_aspect_ratio, style="cli")
+
+
 def _decode_one(decoder: Decoder, path: Path, size: int, mode: str, max_pixels: int) -> tuple[np.ndarray | None, str | None]:
     try:
         return decoder(path, size, mode, max_pixels), None
@@ -117,7 +125,7 @@ class decode_many:
                  workers: int = 0, *, ahead: int = 64, chunk: int = 4, decoder: Decoder | None = None):
         self.files = [Path(f) for f in files]
         self.args = (size, mode, max_pixels)
-        self.decoder = decoder or images.decode
+        self.decoder = decoder or decode_image
         self.workers = min(resolve_workers(workers), max(1, len(self.files)))
         self.chunk = max(1, chunk)
         self.inflight = max(2 * self.workers, math.ceil(max(1, ahead) / self.chunk))
@@ -220,30 +228,56 @@ class decode_many:
 
 # --- model, sidecars -------------------------------------------------------------------------------
 
+def check_model_file(model_path: Path) -> None:
+    """A model file that exists and is one: a .keras archive (a zip), or a legacy HDF5 .h5 file."""
+    import zipfile
+
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise UserError(f"model file {model_path} not found (run `dvc repro` or `dvc pull`, or pass --model)")
+    if model_path.suffix.lower() == ".h5":
+        with open(model_path, "rb") as f:
+            ok = f.read(8) == b"\x89HDF\r\n\x1a\n"
+    else:
+        ok = zipfile.is_zipfile(model_path)
+    if not ok:
+        raise UserError(f"{model_path} is not a Keras model file (a .keras archive, as train and finetune write)")
+
+
+def _sidecar_error(side: Path, what: str) -> UserError:
+    return UserError(f"{side}: {what}; restore it with its model (`dvc pull`) or rerun the stage that wrote it")
+
+
 def read_model_info(model_path: Path) -> dict:
     """The model's `.info.json` sidecar (classes, positive, image_size, resize), checked; UserError if unusable."""
     import json
 
     model_path = Path(model_path)
-    if not model_path.is_file():
-        raise UserError(f"model file {model_path} not found (run `dvc repro` or `dvc pull`, or pass --model)")
+    check_model_file(model_path)
     side = paths.sidecar(model_path, "info")
     if not side.is_file():  # as cxr.training.read_info, without importing TensorFlow
         raise UserError(f"{side} not found: the model's class names and image size are stored there by train/finetune")
     try:
-        info = json.loads(side.read_text())
-        classes, size, resize = info["classes"], int(info["image_size"]), info["resize"]
-    except UserError:
-        raise
-    except Exception as err:
-        raise UserError(f"{side} is not a valid model info file ({type(err).__name__}: {err})") from None
-    if not classes or not all(isinstance(c, str) for c in classes) or size <= 0 or resize not in ("pad", "crop"):
-        raise UserError(f"{side}: needs classes (names), image_size > 0 and resize pad|crop")
+        info = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise _sidecar_error(side, f"not a valid model info file ({type(err).__name__}: {err})") from None
+    if not isinstance(info, dict):
+        raise _sidecar_error(side, "not a JSON object")
+    classes, size, resize = info.get("classes"), info.get("image_size"), info.get("resize")
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c.strip() for c in classes) \
+            or len(set(classes)) != len(classes):
+        raise _sidecar_error(side, f"classes must be a list of two or more distinct names, got {classes!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 4096:
+        raise _sidecar_error(side, f"image_size must be an integer in [1, 4096], got {size!r}")
+    if resize not in ("pad", "crop"):
+        raise _sidecar_error(side, f"resize must be pad or crop, got {resize!r}")
+    if "positive" in info and info["positive"] not in classes:
+        raise _sidecar_error(side, f"positive {info['positive']!r} is not one of its classes {classes}")
     return info
 
 
 def read_operating_point(model_path: Path, classes: list[str]) -> dict | None:
-    """The triage threshold saved by evaluate (`<stem>.operating_point.json`), or None (with one warning)."""
+    """The triage threshold saved by evaluate (`<stem>.operating_point.json`), checked, or None (with one warning)."""
     import json
 
     p = paths.sidecar(Path(model_path), "operating_point")
@@ -251,13 +285,36 @@ def read_operating_point(model_path: Path, classes: list[str]) -> dict | None:
         log.warning("%s not found (written by `dvc repro evaluate`): the triage column stays empty", p)
         return None
     try:
-        op = json.loads(p.read_text())
-        op = {"class": op["class"], "threshold": float(op["threshold"]), "target_sensitivity": op.get("target_sensitivity")}
+        op = json.loads(p.read_text(encoding="utf-8"))
+        op = {"class": op["class"], "threshold": op["threshold"], "target_sensitivity": op.get("target_sensitivity")}
     except Exception as err:
         raise UserError(f"{p} is not a valid operating point file ({type(err).__name__}: {err})") from None
-    if op["class"] not in classes:
+    t = op["threshold"]
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t <= 1:
+        raise _sidecar_error(p, f"threshold must be a probability in [0, 1], got {t!r}")
+    op["threshold"] = float(t)
+    if not isinstance(op["class"], str) or op["class"] not in classes:
         raise UserError(f"{p} is for class {op['class']!r}, not one of the model's classes {classes}: rerun `dvc repro evaluate`")
     return op
+
+
+def check_writable(path: Path, option: str) -> None:
+    """Fail now, not after every image is predicted, if nothing can be written at `path` (a file or folder to be)."""
+    import tempfile
+
+    path = Path(path)
+    folder = path.parent if option != "--gradcam" else path
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option} {path}: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".cxr-write-test.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"{option} {path}: cannot write in {existing} ({err.strerror or err})") from None
 
 
 def load_model(model_path: Path, info: dict):
@@ -398,7 +455,11 @@ def predict_table(model, items: Iterable[Item], classes: list[str], operating_po
         x = np.stack([it.pixels for it in good])
         proba = predict(x)
         pred = proba.argmax(axis=1)
+        finite = np.isfinite(proba).all(axis=1)
         for k, it in enumerate(good):
+            if not finite[k]:  # a broken model: never a triage decision on NaN
+                rows[it.index] = {"path": str(it.path), **empty, "error": "non_finite_output: the model returned NaN or infinite probabilities"}
+                continue
             row = {"path": str(it.path), "prediction": classes[pred[k]]}
             row.update({f"p_{c}": proba[k, j] for j, c in enumerate(classes)})
             row["triage"] = "" if neg_pos is None else neg_pos[0] if proba[k, pos_index] >= operating_point["threshold"] else neg_pos[1]
@@ -409,6 +470,8 @@ def predict_table(model, items: Iterable[Item], classes: list[str], operating_po
 
             cams, _ = gradcam.heatmaps(model, x, pred.astype(np.int32), batch_size=len(x))
             for k, it in enumerate(good):
+                if not finite[k]:
+                    continue
                 title = f"{classes[pred[k]]} p={proba[k, pred[k]]:.3f}"
                 if neg_pos is not None:
                     title += f"  ({rows[it.index]['triage']})"
@@ -440,6 +503,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number >= 1, got {text}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -460,7 +533,8 @@ CSV columns: path, prediction, p_<class> (one per class, named as in the model's
           (its prediction and probabilities are then empty)
 Folders are searched recursively for {' '.join(IMAGE_SUFFIXES)}
 files (hidden ones skipped); a file named explicitly is always tried.
-Exit status: 0 all files predicted, 1 some file failed, 2 usage error."""
+Exit status: 0 all files predicted, 1 some file failed (see its error row), 2 usage
+error (one line; found before any image is decoded), 3 internal error (a bug)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -472,6 +546,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=_non_negative_int, default=0, help="decoding processes; 0 = all cores (default: %(default)s)")
     parser.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
                         help="larger images are refused as decompression bombs (default: %(default)s, as clean.max_pixels)")
+    parser.add_argument("--max-aspect-ratio", type=_ratio, default=DEFAULT_MAX_ASPECT_RATIO,
+                        help="more elongated images are refused (default: %(default)s, as clean.max_aspect_ratio)")
     return parser
 
 
@@ -491,14 +567,18 @@ def run(args: argparse.Namespace) -> int:
     op = read_operating_point(model_path, classes)
     if args.out != "-" and Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a folder; give a CSV file name (or '-' for stdout)")
+    if args.out != "-":
+        check_writable(Path(args.out), "--out")
     names = None
     if args.gradcam is not None:
         if args.gradcam.exists() and not args.gradcam.is_dir():
             raise UserError(f"--gradcam {args.gradcam} is a file; give a folder")
+        check_writable(args.gradcam, "--gradcam")
         names = gradcam_names(files)
     # Decoding starts now, in worker processes, while TensorFlow loads the model.
+    decoder = functools.partial(decode_image, max_aspect_ratio=args.max_aspect_ratio)
     with decode_many(files, int(info["image_size"]), info["resize"], args.max_pixels, args.workers,
-                     ahead=2 * args.batch_size) as items:
+                     ahead=2 * args.batch_size, decoder=decoder) as items:
         model = load_model(model_path, info)
         if args.gradcam is not None:
             args.gradcam.mkdir(parents=True, exist_ok=True)

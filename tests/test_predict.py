@@ -249,7 +249,7 @@ def test_wrong_model_file_is_one_clear_error(world, tmp_path, capsys):
         predict.main([str(world["scans"]), "--model", str(fake), "--out", str(tmp_path / "p.csv")])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "error: " in err and "fake.keras is not a loadable Keras model" in err
+    assert "error: " in err and "fake.keras is not a Keras model file" in err
     assert not (tmp_path / "p.csv").exists()
 
 
