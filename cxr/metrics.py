@@ -194,6 +194,74 @@ def threshold_for_sensitivity(y_pos: np.ndarray, score: np.ndarray, target: floa
     return float(pos[np.argmax(sens >= target)])
 
 
+def threshold_for_specificity(y_neg_score: np.ndarray, target: float) -> float:
+    """Lowest threshold t (on the negatives' scores) such that specificity of (score >= t) is >= target:
+    at most floor((1 - target) * n_negatives) negatives score >= t."""
+    if not 0.0 <= target <= 1.0:
+        raise ValueError(f"target specificity must be in [0, 1], got {target}")
+    neg = np.sort(np.asarray(y_neg_score, dtype=float))[::-1]
+    if len(neg) == 0:
+        raise ValueError("threshold_for_specificity: no negative samples, specificity is undefined")
+    allowed = int(math.floor((1.0 - target) * len(neg) + 1e-9))
+    if allowed >= len(neg):
+        return -math.inf
+    return float(np.nextafter(neg[allowed], math.inf))  # just above the first negative that must not be called
+
+
+def sensitivity_at_specificity(y_pos: np.ndarray, score: np.ndarray, specificity: float) -> float | None:
+    """Best sensitivity of any threshold whose specificity is >= `specificity` (a point read off the ROC curve)."""
+    y = np.asarray(y_pos, dtype=bool)
+    score = np.asarray(score, dtype=float)
+    if y.all() or not y.any():
+        return None
+    t = threshold_for_specificity(score[~y], specificity)
+    return float((score[y] >= t).mean())
+
+
+def specificity_at_sensitivity(y_pos: np.ndarray, score: np.ndarray, sensitivity: float) -> float | None:
+    """Best specificity of any threshold whose sensitivity is >= `sensitivity`."""
+    y = np.asarray(y_pos, dtype=bool)
+    score = np.asarray(score, dtype=float)
+    if y.all() or not y.any():
+        return None
+    t = threshold_for_sensitivity(y, score, sensitivity)
+    return float((score[~y] < t).mean())
+
+
+def rate_key(kind: str, value: float) -> str:
+    """Metric key of a fixed-rate reading: ("sens_at_spec", 0.95) -> "sens_at_spec95", 0.975 -> "sens_at_spec97_5"."""
+    return f"{kind}{100 * value:.10g}".replace(".", "_")
+
+
+def fixed_rate_statistics(positive: int, specificities: list[float], sensitivities: list[float]) -> dict[str, Statistic]:
+    """Sensitivity of class `positive` at each fixed specificity, and specificity at each fixed sensitivity,
+    as (labels, proba) statistics (for bootstrap_ci)."""
+    def at_spec(s):
+        return lambda y, p: sensitivity_at_specificity(y == positive, p[:, positive], s)
+
+    def at_sens(s):
+        return lambda y, p: specificity_at_sensitivity(y == positive, p[:, positive], s)
+
+    return {**{rate_key("sens_at_spec", s): at_spec(s) for s in specificities},
+            **{rate_key("spec_at_sens", s): at_sens(s) for s in sensitivities}}
+
+
+def selection_scores(y_true: np.ndarray, proba: np.ndarray, positive: int, specificity: float) -> dict[str, float]:
+    """What checkpoint selection can monitor on validation: loss (cross-entropy), accuracy, balanced accuracy,
+    macro ROC-AUC, and sensitivity of class `positive` at the given specificity."""
+    y_true = np.asarray(y_true, dtype=int)
+    proba = np.asarray(proba, dtype=float)
+    eps = 1e-7
+    loss = float(-np.log(np.clip(proba[np.arange(len(y_true)), y_true], eps, 1.0)).mean())
+    pred = proba.argmax(axis=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bal = float(balanced_accuracy_score(y_true, pred))
+    sens = sensitivity_at_specificity(y_true == positive, proba[:, positive], specificity)
+    return {"loss": loss, "accuracy": float((pred == y_true).mean()), "balanced_accuracy": bal,
+            "macro_roc_auc": _fast_macro_roc_auc(y_true, proba), "sensitivity_at_specificity": math.nan if sens is None else sens}
+
+
 def operating_point(y_pos: np.ndarray, score: np.ndarray, threshold: float) -> dict:
     """Confusion counts and rates for the decision ``score >= threshold``."""
     y = np.asarray(y_pos, dtype=bool)
@@ -252,8 +320,14 @@ def standard_statistics(positive: int, threshold: float | None = None) -> dict[s
         is_neg = y != positive
         return float((~decide(proba)[is_neg]).mean()) if is_neg.any() else None
 
+    def balanced_accuracy(y, proba):
+        pred = proba.argmax(axis=1)
+        recalls = [(pred[y == k] == k).mean() for k in np.unique(y)]
+        return float(np.mean(recalls))
+
     return {
         "accuracy": lambda y, proba: float((proba.argmax(axis=1) == y).mean()),
+        "balanced_accuracy": balanced_accuracy,
         "sensitivity": sensitivity,
         "specificity": specificity,
         "macro_roc_auc": _fast_macro_roc_auc,

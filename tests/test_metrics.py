@@ -174,7 +174,7 @@ def test_bootstrap_deterministic_and_seed_dependent():
     a = bootstrap_ci(y, p, stats, resamples=200, seed=1)
     assert a == bootstrap_ci(y, p, stats, resamples=200, seed=1)
     assert a != bootstrap_ci(y, p, stats, resamples=200, seed=2)
-    assert set(a) == {"accuracy", "sensitivity", "specificity", "macro_roc_auc"}
+    assert set(a) == {"accuracy", "balanced_accuracy", "sensitivity", "specificity", "macro_roc_auc"}
 
 
 def test_bootstrap_ci_contains_point_estimate():
@@ -227,3 +227,62 @@ def test_bootstrap_speed():
     start = time.perf_counter()
     bootstrap_ci(y, p, standard_statistics(positive=0), resamples=1000, seed=0)
     assert time.perf_counter() - start < 5
+
+
+from cxr import metrics as m  # noqa: E402
+
+
+def _roc_reading(y, score, spec):
+    """Brute force over every threshold: the best sensitivity whose specificity is >= spec."""
+    best = 0.0
+    for t in np.concatenate([np.unique(score), [np.inf]]):
+        called = score >= t
+        if (~called[~y]).mean() >= spec - 1e-12:
+            best = max(best, called[y].mean())
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_fixed_rate_readings_match_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.random(120) < 0.35
+    score = np.round(rng.random(120) * 0.6 + 0.4 * y, 2)  # ties on purpose
+    for spec in (0.9, 0.95, 0.98):
+        assert m.sensitivity_at_specificity(y, score, spec) == pytest.approx(_roc_reading(y, score, spec))
+        t = m.threshold_for_specificity(score[~y], spec)
+        assert (score[~y] < t).mean() >= spec
+    for sens in (0.9, 0.95):
+        got = m.specificity_at_sensitivity(y, score, sens)
+        t = m.threshold_for_sensitivity(y, score, sens)
+        assert (score[y] >= t).mean() >= sens and got == pytest.approx((score[~y] < t).mean())
+    assert m.sensitivity_at_specificity(np.ones(3, bool), np.ones(3), 0.95) is None
+
+
+def test_fixed_rate_statistics_keys_and_bootstrap():
+    assert m.rate_key("sens_at_spec", 0.95) == "sens_at_spec95"
+    assert m.rate_key("spec_at_sens", 0.975) == "spec_at_sens97_5"
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 200)
+    proba = rng.dirichlet(np.ones(3), 200) + np.eye(3)[y]
+    proba /= proba.sum(axis=1, keepdims=True)
+    stats = m.fixed_rate_statistics(0, [0.95, 0.98], [0.95])
+    assert set(stats) == {"sens_at_spec95", "sens_at_spec98", "spec_at_sens95"}
+    ci = m.bootstrap_ci(y, proba, stats, resamples=100, seed=0)
+    for name, stat in stats.items():
+        assert ci[name]["low"] <= stat(y, proba) <= ci[name]["high"]
+
+
+def test_operating_point_by_specificity_reaches_the_target_on_validation():
+    from cxr import evaluation
+
+    rng = np.random.default_rng(1)
+    y = rng.random(300) < 0.3
+    score = rng.random(300) * 0.7 + 0.3 * y
+    for target in (0.9, 0.95, 0.99):
+        t = evaluation.choose_threshold(y, score, "specificity", target)
+        assert m.operating_point(y, score, t)["specificity"] >= target
+        # the lowest such threshold: one step lower would miss the target
+        lower = np.max(score[~y][score[~y] < t]) if (score[~y] < t).any() else -np.inf
+        assert m.operating_point(y, score, lower)["specificity"] < target or lower == -np.inf
+        t = evaluation.choose_threshold(y, score, "sensitivity", target)
+        assert m.operating_point(y, score, t)["sensitivity"] >= target
