@@ -1,6 +1,7 @@
 """Benchmark training on the data the pipeline has prepared (data/clean + data/split.csv for params.yaml's
-dataset): the baseline (train) stage with and without the feature cache, and fine-tuning, as seconds per
-epoch, training images/s and end-to-end time.
+dataset): the baseline (train) stage with and without the feature cache, and fine-tuning with the activation
+cache at `finetune.unfreeze_from` (views > 0) and without it (views = 0: every epoch runs the whole backbone on
+freshly augmented images), as seconds per epoch, training images/s, the one-off caching pass, and end-to-end time.
 
     python bench/train.py [--epochs 3] [--set key=value ...]
 
@@ -56,19 +57,23 @@ def main() -> None:
         if cache:
             baseline_model = model
     p["finetune"].update(epochs=args.epochs, patience=args.epochs + 1)
+    views = p["finetune"]["views"] or 3
     with tempfile.TemporaryDirectory() as tmp:
         from dvclive import Live
 
         path = Path(tmp) / "baseline.keras"
         training.save(baseline_model, path, training.model_info(p, ds["classes"], ds["positive"]))
-        logger = Live(dir=tmp + "/live", dvcyaml=False, save_dvc_exp=False, report=None)
-        t0 = time.perf_counter()
-        _, summary = training.finetune(p, ds["classes"], splits, path, logger)
-        total = time.perf_counter() - t0
-    per_epoch = summary["seconds_per_epoch"]
-    print(f"finetune (top {p['finetune']['unfreeze']} layers): {per_epoch:7.2f} s/epoch = {n / per_epoch:8.1f} train images/s; "
-          f"{args.epochs} epochs end to end {total:.1f}s")
-
+        for v in (views, 0):
+            p["finetune"]["views"] = v
+            logger = Live(dir=f"{tmp}/live{v}", dvcyaml=False, save_dvc_exp=False, report=None)
+            t0 = time.perf_counter()
+            _, summary = training.finetune(p, ds["classes"], splits, path, logger)
+            total = time.perf_counter() - t0
+            per_epoch = summary["seconds_per_epoch"]
+            how = (f"cache of {v + 1} views at {p['finetune']['unfreeze_from']}: one-off pass {summary['cache_seconds']:.1f}s = "
+                   f"{(v + 1) * n / summary['cache_seconds']:.1f} images/s" if v else "no cache, augmentation on the fly")
+            print(f"finetune from {p['finetune']['unfreeze_from']}, views={v}: {per_epoch:7.2f} s/epoch = {n / per_epoch:8.1f} train images/s "
+                  f"({how}); {args.epochs} epochs end to end {total:.1f}s")
 
 if __name__ == "__main__":
     main()

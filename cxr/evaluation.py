@@ -27,15 +27,35 @@ def _decision_point(y_pos: np.ndarray, called: np.ndarray) -> dict:
     return op
 
 
+def choose_threshold(y_pos: np.ndarray, score: np.ndarray, by: str, target: float) -> float:
+    """The triage threshold on validation: the highest one whose sensitivity reaches `target` (by sensitivity),
+    or the lowest one whose specificity does (by specificity)."""
+    if by == "sensitivity":
+        return metrics.threshold_for_sensitivity(y_pos, score, target)
+    return metrics.threshold_for_specificity(np.asarray(score)[~np.asarray(y_pos, bool)], target)
+
+
+def fixed_rates(labels: np.ndarray, proba: np.ndarray, pos: int, cfg: dict, ci: bool) -> dict:
+    """Sensitivity of the positive class at each `evaluate.sensitivity_at_specificity` and specificity at each
+    `evaluate.specificity_at_sensitivity`, read off this split's ROC curve; with `ci`, bootstrap intervals."""
+    stats = metrics.fixed_rate_statistics(pos, cfg["sensitivity_at_specificity"], cfg["specificity_at_sensitivity"])
+    out = {name: metrics._clean(stat(labels, proba)) for name, stat in stats.items()}
+    boot = cfg["bootstrap"]
+    if ci and boot["resamples"] and len(labels):
+        out["ci"] = metrics.bootstrap_ci(labels, proba, stats, resamples=boot["resamples"], seed=boot["seed"], level=boot["level"])
+    return out
+
+
 def evaluate(proba: dict[str, np.ndarray], labels: dict[str, np.ndarray], classes: list[str], positive: str, cfg: dict) -> tuple[dict, float]:
     """Metrics for one model from its val and test probabilities. Returns (metrics dict, triage threshold)."""
     pos = classes.index(positive)
     pkey = metrics.class_key(positive)
     val_y, test_y = labels["val"] == pos, labels["test"] == pos
+    op = cfg["operating_point"]
     try:
-        threshold = metrics.threshold_for_sensitivity(val_y, proba["val"][:, pos], cfg["target_sensitivity"])
+        threshold = choose_threshold(val_y, proba["val"][:, pos], op["by"], op["target"])
     except ValueError:
-        warnings.warn(f"no {positive} case in the validation split: triage threshold falls back to 0.5")
+        warnings.warn(f"the validation split lacks {positive} cases or other cases: triage threshold falls back to 0.5")
         threshold = 0.5
     test = metrics.report(labels["test"], proba["test"], classes, ece_bins=cfg["ece_bins"])
     boot = cfg["bootstrap"]
@@ -44,16 +64,22 @@ def evaluate(proba: dict[str, np.ndarray], labels: dict[str, np.ndarray], classe
                                   resamples=boot["resamples"], seed=boot["seed"], level=boot["level"])
         triage_ci = metrics.bootstrap_ci(labels["test"], proba["test"], metrics.standard_statistics(pos, threshold),
                                          resamples=boot["resamples"], seed=boot["seed"], level=boot["level"])
-        test["ci"] = {"accuracy": ci["accuracy"], "macro_roc_auc": ci["macro_roc_auc"],
+        test["ci"] = {"accuracy": ci["accuracy"], "balanced_accuracy": ci["balanced_accuracy"], "macro_roc_auc": ci["macro_roc_auc"],
                       f"{pkey}_sensitivity": ci["sensitivity"], f"{pkey}_specificity": ci["specificity"],
                       f"triage_{pkey}_sensitivity": triage_ci["sensitivity"], f"triage_{pkey}_specificity": triage_ci["specificity"]}
     val = metrics.report(labels["val"], proba["val"], classes, ece_bins=cfg["ece_bins"])
     out = {
         "test": test,
-        "val": {"accuracy": val["accuracy"], "macro": {"roc_auc": val["macro"]["roc_auc"]}, "n": val["n"]},
+        "val": {"accuracy": val["accuracy"], "balanced_accuracy": val["balanced_accuracy"],
+                "macro": {"roc_auc": val["macro"]["roc_auc"]}, "n": val["n"]},
+        # The positive class under a dataset-independent key, so experiments on either dataset line up.
+        "positive": {"class": positive,
+                     "val": fixed_rates(labels["val"], proba["val"], pos, cfg, ci=True),
+                     "test": fixed_rates(labels["test"], proba["test"], pos, cfg, ci=True)},
         "triage": {
             "class": positive,
-            "target_sensitivity": cfg["target_sensitivity"],
+            "by": op["by"],
+            "target": op["target"],
             "threshold": round(threshold, 6),
             "val": metrics.operating_point(val_y, proba["val"][:, pos], threshold),
             "test": metrics.operating_point(test_y, proba["test"][:, pos], threshold),

@@ -12,6 +12,7 @@ the chain at the backbone. Binary tasks use a 2-way softmax so evaluation has on
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import keras
@@ -93,8 +94,9 @@ def backbone(arch: str, image_size: int, weights: str, alpha: float = 1.0) -> ke
     return net
 
 
-def build(arch: str, num_classes: int, image_size: int, weights: str = "imagenet", alpha: float = 1.0, dropout: float = 0.2) -> keras.Model:
-    """The full classifier with a frozen backbone (the baseline's starting point)."""
+def build(arch: str, num_classes: int, image_size: int, weights: str = "imagenet", alpha: float = 1.0, dropout: float = 0.2,
+          l2: float = 0.0) -> keras.Model:
+    """The full classifier with a frozen backbone (the baseline's starting point); `l2` regularises the head."""
     net = backbone(arch, image_size, weights, alpha)
     net.trainable = False
     inputs = keras.Input((image_size, image_size, 1), name="image")
@@ -107,12 +109,26 @@ def build(arch: str, num_classes: int, image_size: int, weights: str = "imagenet
     x = net(x, training=False) if weights != "none" else net(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
+    reg = keras.regularizers.L2(l2) if l2 else None
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", kernel_regularizer=reg, name="predictions")(x)
     return keras.Model(inputs, outputs, name=f"cxr_{arch}")
 
 
 def get_backbone(model: keras.Model) -> keras.Model:
     return model.get_layer("backbone")
+
+
+def before_backbone(model: keras.Model):
+    """The outer layers between the raw-pixel input and the backbone (channel copy, preprocessing), as one callable."""
+    names = [layer.name for layer in model.layers]
+    layers = model.layers[1 : names.index("backbone")]
+
+    def run(x):
+        for layer in layers:
+            x = layer(x)
+        return x
+
+    return run
 
 
 def feature_extractor(model: keras.Model) -> keras.Model:
@@ -128,20 +144,60 @@ def head(model: keras.Model) -> keras.Model:
     return keras.Model(inp, out, name="head")
 
 
-def unfreeze_top(model: keras.Model, n: int, freeze_batchnorm: bool = True) -> int:
-    """Make the top n backbone layers trainable; BatchNorm stays frozen (inference mode) unless
-    freeze_batchnorm is off (for a backbone without pretrained weights). Returns how many layers with
-    weights became trainable."""
+def first_trainable_layer(net: keras.Model, unfreeze_from: str) -> int:
+    """Index of the first backbone layer that fine-tuning trains: the first layer named `unfreeze_from` or
+    starting with `unfreeze_from_` (a block, e.g. MobileNetV2's `block_13`, ResNet50's `conv5_block1`),
+    or 1 (everything after the input) for `all`."""
+    if unfreeze_from == "all":
+        return 1
+    for i, layer in enumerate(net.layers):
+        if layer.name == unfreeze_from or layer.name.startswith(unfreeze_from + "_"):
+            return i
+    blocks = sorted({re.sub(r"_(expand|depthwise|project|pad|\d+_conv|0_conv|1_conv|se|activation|bn|add|out|concat).*$", "", l.name)
+                     for l in net.layers[1:]})
+    raise UserError(f"finetune.unfreeze_from: no {net.name} layer or block named {unfreeze_from!r} in this backbone "
+                    f"(e.g. {', '.join(blocks[-6:])}, or all)")
+
+
+def split_backbone(model: keras.Model, unfreeze_from: str) -> tuple[keras.Model, keras.Model]:
+    """(lower, top): the backbone cut where fine-tuning starts. `lower` maps preprocessed pixels to the
+    boundary activations, `top` maps those to the backbone's output; both share the backbone's layers, so
+    training `top` trains the full model. A cut inside a block (where later layers also read earlier
+    tensors) is one clear error."""
     net = get_backbone(model)
+    i = first_trainable_layer(net, unfreeze_from)
+    boundary = net.layers[i].input
+    if isinstance(boundary, (list, tuple)):
+        raise UserError(f"finetune.unfreeze_from: {net.layers[i].name} reads several tensors; name the start of a block")
+    try:
+        top = keras.Model(boundary, net.output, name="backbone_top")
+    except ValueError:
+        raise UserError(f"finetune.unfreeze_from: layers above {net.layers[i].name} also read tensors below it; "
+                        "name the start of a block") from None
+    lower = keras.Model(net.input, boundary, name="backbone_lower")
+    return lower, top
+
+
+def unfreeze_from(model: keras.Model, start: str, freeze_batchnorm: bool = True) -> int:
+    """Make the backbone trainable from block `start` up (see first_trainable_layer); BatchNorm stays
+    frozen, in inference mode, unless freeze_batchnorm is off (a backbone without pretrained weights).
+    Returns how many layers with weights became trainable."""
+    net = get_backbone(model)
+    cut = first_trainable_layer(net, start)
     net.trainable = True
-    layers = net.layers
-    cut = max(0, len(layers) - n)
     count = 0
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(net.layers):
         train = i >= cut and not (freeze_batchnorm and isinstance(layer, keras.layers.BatchNormalization))
         layer.trainable = train
         count += train and bool(layer.weights)
     return count
+
+
+def scale_logits(model: keras.Model, temperature: float) -> None:
+    """Temperature scaling folded into the softmax layer: softmax((Wx + b) / T) == softmax((W/T) x + b/T),
+    so a calibrated model keeps the same layers (and loads anywhere the uncalibrated one did)."""
+    dense = model.get_layer("predictions")
+    dense.set_weights([w / temperature for w in dense.get_weights()])
 
 
 def load(path: str | Path) -> keras.Model:

@@ -1,8 +1,10 @@
 """params.yaml: load and validate up front, so a bad value fails before any work with one clear line."""
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
+import re
 from pathlib import Path
 
 import yaml
@@ -20,13 +22,52 @@ def _fail(key: str, want: str, got) -> None:
     raise UserError(f"params.yaml: {key} must be {want}, got {got!r}")
 
 
+_READ: set[tuple[str, ...]] | None = None  # key paths _get read during validate(): whatever else is in the file is unknown
+
+
 def _get(tree: dict, key: str):
     node = tree
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
             raise UserError(f"params.yaml: missing key {key}")
         node = node[part]
+    if _READ is not None:
+        _READ.add(tuple(key.split(".")))
     return node
+
+
+def _check_unknown_keys(tree: dict, read: set[tuple[str, ...]]) -> None:
+    """Every key in the file must be one validate() read (or lie inside a value it read whole): a typo such as
+    `train.epoch` or `trian:` is an error naming the nearest valid key, not a setting silently ignored."""
+    def walk(node: dict, path: tuple[str, ...]) -> None:
+        for key, value in node.items():
+            here = (*path, str(key))
+            if here in read:
+                continue
+            if isinstance(value, dict) and any(r[: len(here)] == here for r in read):
+                walk(value, here)
+                continue
+            valid = sorted({r[len(path)] for r in read if r[: len(path)] == path and len(r) > len(path)})
+            near = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+            hint = f"did you mean {'.'.join((*path, near[0]))}?" if near else f"valid keys here: {', '.join(valid)}"
+            raise UserError(f"params.yaml: unknown key {'.'.join(here)} ({hint})")
+
+    walk(tree, ())
+
+
+def _check_classes(p: dict) -> None:
+    """Class names the data can never provide fail here, before download runs."""
+    def loose(name: str) -> str:  # as cxr.sources compares class folders: 'Viral Pneumonia' == 'VIRAL_PNEUMONIA'
+        key = re.sub(r"[^a-z0-9]", "", name.lower())
+        return "covid" if key == "covid19" else key
+
+    # As cxr.sources.RADIOGRAPHY_CLASSES and cxr.demo.CLASSES (not imported: every stage depends on this file).
+    # Radiography class folders compare loosely; demo labels exactly, as the two adapters do.
+    for name, known, same in (("covid-radiography", ("COVID", "Normal", "Viral Pneumonia", "Lung_Opacity"), loose),
+                              ("demo", ("COVID", "Normal", "Viral Pneumonia"), str)):
+        for c in _get(p, f"datasets.{name}.classes"):
+            if same(c) not in {same(k) for k in known}:
+                _fail(f"datasets.{name}.classes", f"names from {', '.join(known)}", c)
 
 
 def _int(tree, key, lo=None, hi=None) -> int:
@@ -71,9 +112,20 @@ def _str_list(tree, key, min_len=1) -> list[str]:
 
 
 def validate(p: dict) -> dict:
-    """Check every section; return the same dict. Raises UserError on the first bad value."""
+    """Check every section; return the same dict. Raises UserError on the first bad value or unknown key."""
+    global _READ
     if not isinstance(p, dict):
         raise UserError("params.yaml: expected a mapping of sections")
+    _READ = set()
+    try:
+        _validate(p)
+        _check_unknown_keys(p, _READ)
+    finally:
+        _READ = None
+    return p
+
+
+def _validate(p: dict) -> None:
     ds = _choice(p, "dataset", DATASETS)
     for name in DATASETS:
         _str_list(p, f"datasets.{name}.classes", min_len=2)
@@ -81,6 +133,11 @@ def validate(p: dict) -> dict:
         if pos not in _get(p, f"datasets.{name}.classes"):
             _fail(f"datasets.{name}.positive", "one of that dataset's classes", pos)
     _str_list(p, "datasets.covid-chestxray.views")
+    for name in ("covid-radiography", "covid-chestxray"):
+        handle = _get(p, f"datasets.{name}.kaggle")
+        if not isinstance(handle, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", handle):
+            _fail(f"datasets.{name}.kaggle", "a Kaggle dataset handle owner/name", handle)
+    _check_classes(p)
     if _get(p, "datasets.covid-chestxray.classes").__len__() != 2:
         _fail("datasets.covid-chestxray.classes", "two names (COVID, non-COVID)", _get(p, "datasets.covid-chestxray.classes"))
     _int(p, "datasets.demo.per_class", 4)
@@ -94,6 +151,10 @@ def validate(p: dict) -> dict:
     _int(p, "clean.max_pixels", 1)
     _int(p, "clean.shard_size", 1)
     _int(p, "clean.workers", 0)
+    _float(p, "clean.max_aspect_ratio", 1, 1e6)
+    _int(p, "clean.min_side", 1, 4096)
+    _int(p, "download.max_bytes", 1)
+    _float(p, "download.max_ratio", 1, 1e9)
 
     val = _float(p, "split.val_fraction", 0, 1, lo_open=True, hi_open=True)
     test = _float(p, "split.test_fraction", 0, 1, lo_open=True, hi_open=True)
@@ -101,6 +162,7 @@ def validate(p: dict) -> dict:
         raise UserError(f"params.yaml: split.val_fraction + split.test_fraction must be < 1, got {val + test:g}")
     _int(p, "split.seed", 0)
     _int(p, "split.group_distance", -1, 64)
+    _int(p, "split.min_per_class", 1)
 
     arch = _choice(p, "model.arch", ARCHS)
     if size < MIN_SIZE[arch]:
@@ -117,6 +179,7 @@ def validate(p: dict) -> dict:
         _int(p, f"{stage}.batch_size", 1)
         _float(p, f"{stage}.learning_rate", 0, 1, lo_open=True)
         _int(p, f"{stage}.patience", 1)
+    _float(p, "train.l2", 0, 1)
     _choice(p, "train.class_weight", ("balanced", "none"))
     _bool(p, "train.feature_cache")
     _float(p, "train.augment.rotation", 0, 0.5)
@@ -126,9 +189,27 @@ def validate(p: dict) -> dict:
     _bool(p, "runtime.mixed_precision")
     _bool(p, "runtime.xla")
     _choice(p, "runtime.distribute", ("auto", "none"))
-    _int(p, "finetune.unfreeze", 0)
+    start = _get(p, "finetune.unfreeze_from")
+    if not isinstance(start, str) or not start.strip():
+        _fail("finetune.unfreeze_from", "a backbone block or layer name (e.g. block_13) or all", start)
+    _int(p, "finetune.views", 0, 32)
+    epochs = _int(p, "finetune.epochs", 1)
+    _int(p, "finetune.warmup_epochs", 0, epochs - 1)
+    _float(p, "finetune.weight_decay", 0, 1)
+    _float(p, "finetune.label_smoothing", 0, 1, hi_open=True)
+    _choice(p, "finetune.monitor", ("macro_roc_auc", "sensitivity_at_specificity", "balanced_accuracy", "loss"))
+    _float(p, "finetune.monitor_specificity", 0, 1, lo_open=True)
+    _bool(p, "finetune.temperature_scaling")
 
-    _float(p, "evaluate.target_sensitivity", 0, 1, lo_open=True)
+    _choice(p, "evaluate.operating_point.by", ("sensitivity", "specificity"))
+    _float(p, "evaluate.operating_point.target", 0, 1, lo_open=True)
+    for kind in ("sensitivity_at_specificity", "specificity_at_sensitivity"):
+        rates = _get(p, f"evaluate.{kind}")
+        if not isinstance(rates, list) or len(set(map(str, rates))) != len(rates):
+            _fail(f"evaluate.{kind}", "a list of distinct rates in (0, 1)", rates)
+        for r in rates:
+            if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0 < r < 1:
+                _fail(f"evaluate.{kind}", "a list of distinct rates in (0, 1)", rates)
     _int(p, "evaluate.bootstrap.resamples", 0)
     _int(p, "evaluate.bootstrap.seed", 0)
     _float(p, "evaluate.bootstrap.level", 0, 1, lo_open=True, hi_open=True)
@@ -140,7 +221,6 @@ def validate(p: dict) -> dict:
         _fail("gradcam.class", "predicted or one of the dataset's classes", gc)
     _float(p, "gradcam.alpha", 0, 1)
     _int(p, "gradcam.min_side", 1)
-    return p
 
 
 def load(path: str | Path = paths.PARAMS) -> dict:

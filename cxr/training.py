@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic, data, models, paths
+from . import atomic, data, metrics, models, paths
 
 log = logging.getLogger("training")
 
@@ -56,97 +56,249 @@ def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> dict[int, fl
     return {int(c): float(x) for c, x in zip(present, w)} | {c: 1.0 for c in range(n_classes) if c not in present}
 
 
-def live(stage: str):
-    from dvclive import Live
+# The baseline selects on validation loss; its summary also shows sensitivity at this specificity.
+BASELINE_SPECIFICITY = 0.95
+MONITORS = ("macro_roc_auc", "sensitivity_at_specificity", "balanced_accuracy", "loss")
 
-    return Live(dir=str(paths.METRICS / stage), dvcyaml=False, save_dvc_exp=False, report=None)
+
+class Selector:
+    """Checkpoint selection on validation: scores the starting weights (epoch 0) and every epoch with
+    metrics.selection_scores, keeps the best weights by `monitor` (ties broken by lower loss), and stops after
+    `patience` epochs without improvement. The start is kept when no epoch beats it (the guard)."""
+
+    def __init__(self, predict_val, y_val: np.ndarray, positive: int, monitor: str, specificity: float, patience: int):
+        self.predict_val, self.y, self.positive = predict_val, y_val, positive
+        self.monitor, self.specificity, self.patience = monitor, specificity, patience
+        self.history: list[dict] = []
+        self.best_epoch, self.best_key, self.best_weights = None, None, None
+
+    def key(self, s: dict) -> tuple:
+        primary = -s["loss"] if self.monitor == "loss" else s[self.monitor]
+        return (primary if np.isfinite(primary) else -np.inf, -s["loss"])
+
+    def score(self, epoch: int, model) -> dict:
+        s = metrics.selection_scores(self.y, self.predict_val(), self.positive, self.specificity)
+        self.history.append({"epoch": epoch, **s})
+        if self.best_key is None or self.key(s) > self.best_key:
+            self.best_epoch, self.best_key, self.best_weights = epoch, self.key(s), model.get_weights()
+        return s
+
+    def callback(self, model):
+        import keras
+
+        selector = self
+
+        class _Callback(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                if not selector.history:
+                    selector.score(0, model)
+
+            def on_epoch_end(self, epoch, logs=None):
+                s = selector.score(epoch + 1, model)
+                if logs is not None:  # the dvclive callback after this one logs them as eval/<name>
+                    logs.update({f"val_{k}": v for k, v in s.items()})
+                if epoch + 1 - selector.best_epoch >= selector.patience:
+                    model.stop_training = True
+
+        return _Callback()
+
+    def restore(self, model) -> dict:
+        model.set_weights(self.best_weights)
+        if self.best_epoch == 0 and len(self.history) > 1:
+            log.warning("no epoch beat the starting weights on validation %s: keeping them", self.monitor)
+        rounded = lambda s: {f"val_{k}": round(v, 6) for k, v in s.items() if k != "epoch"}  # noqa: E731
+        return {"epochs_run": len(self.history) - 1, "best_epoch": self.best_epoch, "monitor": self.monitor,
+                **rounded(self.history[self.best_epoch]), "start": rounded(self.history[0])}
 
 
-def fit(model, train_ds, val_ds, *, epochs: int, patience: int, lr: float, weights, logger, xla: bool, keep_start: bool = False) -> dict:
-    """Adam, sparse cross-entropy, early stopping on val loss with the best weights restored, dvclive per epoch.
-    With keep_start, the starting weights are kept when no epoch beats their validation loss."""
+def _sample_weights(labels: np.ndarray, n_classes: int, mode: str) -> np.ndarray:
+    w = class_weights(labels, n_classes, mode)
+    return np.ones(len(labels), np.float32) if w is None else np.array([w[int(c)] for c in labels], np.float32)
+
+
+def _logistic_reference(train_x, train_y, val_x, val_y, positive: int, specificity: float) -> dict:
+    """sklearn's logistic regression on the same cached features (balanced class weights, C=1), scored on
+    validation: the floor the Keras head must reach."""
+    from sklearn.linear_model import LogisticRegression
+
+    lr = LogisticRegression(C=1.0, max_iter=5000, class_weight="balanced").fit(train_x, train_y)
+    s = metrics.selection_scores(val_y, lr.predict_proba(val_x), positive, specificity)
+    return {f"val_{k}": round(v, 6) for k, v in s.items()}
+
+
+def baseline(p: dict, classes: list[str], splits: dict[str, data.Subset], logger, positive: int = 0) -> tuple[object, dict]:
+    """Build the frozen-backbone model and train its head to convergence: Adam with cosine decay, L2 on the
+    head, class weights, early stopping on validation loss. With train.feature_cache the backbone runs once
+    over train and val (no augmentation) and the head trains on the cached pooled features; a logistic
+    regression on the same features is scored beside it, so the summary shows whether the head converged."""
     import keras
     from dvclive.keras import DVCLiveCallback
 
-    model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"], jit_compile=xla)
-    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
-    start_loss, start_weights = None, None
-    if keep_start:
-        start_loss = float(model.evaluate(val_ds, verbose=0)[0])
-        start_weights = model.get_weights()
-    t0 = time.perf_counter()
-    hist = model.fit(train_ds, validation_data=val_ds, epochs=epochs, class_weight=weights, shuffle=False,
-                     callbacks=[stop, DVCLiveCallback(live=logger)], verbose=2)
-    seconds = time.perf_counter() - t0
-    val_loss = hist.history["val_loss"]
-    best = int(np.argmin(val_loss))
-    out = {"epochs_run": len(val_loss), "best_epoch": best + 1, "val_loss": float(val_loss[best]),
-           "val_accuracy": float(hist.history["val_accuracy"][best]), "seconds_per_epoch": seconds / len(val_loss)}
-    if start_loss is not None and start_loss <= out["val_loss"]:
-        log.warning("no epoch beat the starting validation loss %.4f: keeping the starting weights", start_loss)
-        model.set_weights(start_weights)
-        out.update(best_epoch=0, val_loss=start_loss, val_accuracy=float(model.evaluate(val_ds, verbose=0)[1]))
-    return out
-
-
-def baseline(p: dict, classes: list[str], splits: dict[str, data.Subset], logger) -> tuple[object, dict]:
-    """Build the frozen-backbone model and train its head. With train.feature_cache the backbone runs
-    once over train and val (no augmentation), and the head trains on the cached pooled features."""
     cfg, runtime = p["train"], p["runtime"]
     set_determinism(cfg["seed"], ops=not runtime["xla"])
     strategy = configure_runtime(runtime)
     bs = cfg["batch_size"] * strategy.num_replicas_in_sync
     size = splits["train"].images.shape[1]
     with strategy.scope():
-        model = models.build(p["model"]["arch"], len(classes), size, p["model"]["weights"], p["model"]["alpha"], p["model"]["dropout"])
-    weights = class_weights(splits["train"].labels, len(classes), cfg["class_weight"])
+        model = models.build(p["model"]["arch"], len(classes), size, p["model"]["weights"], p["model"]["alpha"],
+                             p["model"]["dropout"], l2=cfg["l2"])
     tr, va = splits["train"], splits["val"]
+    spec = BASELINE_SPECIFICITY
+    summary: dict = {}
     if cfg["feature_cache"]:
         t0 = time.perf_counter()
         extractor = models.feature_extractor(model)
-        feats = {k: extractor.predict(data.dataset(s.images, None, bs, cache=False), verbose=0) for k, s in (("train", tr), ("val", va))}
-        cache_s = time.perf_counter() - t0
-        log.info("cached backbone features for %d images in %.1fs", len(tr) + len(va), cache_s)
-        import tensorflow as tf
-
-        def feat_ds(f, y, shuffle):
-            ds = tf.data.Dataset.from_tensor_slices((f, y))
-            ds = ds.shuffle(len(f), seed=cfg["seed"]) if shuffle else ds
-            return ds.batch(bs).prefetch(tf.data.AUTOTUNE)
-
+        x_train, x_val = (extractor.predict(data.dataset(s.images, None, bs, cache=False), verbose=0) for s in (tr, va))
+        summary["feature_cache_seconds"] = time.perf_counter() - t0
+        log.info("cached backbone features for %d images in %.1fs", len(tr) + len(va), summary["feature_cache_seconds"])
         with strategy.scope():
-            head = models.head(model)
-        summary = fit(head, feat_ds(feats["train"], tr.labels, True), feat_ds(feats["val"], va.labels, False),
-                      epochs=cfg["epochs"], patience=cfg["patience"], lr=cfg["learning_rate"], weights=weights,
-                      logger=logger, xla=runtime["xla"])
-        summary["feature_cache_seconds"] = cache_s
+            trained = models.head(model)
+        fit_data = {"x": x_train, "y": tr.labels, "batch_size": bs, "shuffle": True}
     else:
+        trained = model
         aug = data.augmenter(cfg["augment"], cfg["seed"])
-        summary = fit(model, data.dataset(tr.images, tr.labels, bs, shuffle=True, seed=cfg["seed"], augment=aug),
-                      data.dataset(va.images, va.labels, bs), epochs=cfg["epochs"], patience=cfg["patience"],
-                      lr=cfg["learning_rate"], weights=weights, logger=logger, xla=runtime["xla"])
+        fit_data = {"x": data.dataset(tr.images, tr.labels, bs, shuffle=True, seed=cfg["seed"], augment=aug)}
+        x_val = va.images[..., None].astype(np.float32)
+    steps = cfg["epochs"] * int(np.ceil(len(tr) / bs))
+    trained.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(cfg["learning_rate"], steps)),
+                    loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=runtime["xla"])
+    selector = Selector(lambda: trained.predict(x_val, batch_size=bs, verbose=0), va.labels, positive, "loss", spec, cfg["patience"])
+    t0 = time.perf_counter()
+    trained.fit(**fit_data, epochs=cfg["epochs"], class_weight=class_weights(tr.labels, len(classes), cfg["class_weight"]),
+                callbacks=[selector.callback(trained), DVCLiveCallback(live=logger)], verbose=0)
+    seconds = time.perf_counter() - t0
+    summary = {**selector.restore(trained), **summary}
+    summary["seconds_per_epoch"] = seconds / max(1, summary["epochs_run"])
+    if cfg["feature_cache"]:
+        ref = summary["logistic_regression"] = _logistic_reference(x_train, tr.labels, x_val, va.labels, positive, spec)
+        log.info("validation, head vs logistic regression on the same features: loss %.4f vs %.4f, balanced accuracy "
+                 "%.4f vs %.4f, macro ROC-AUC %.4f vs %.4f", summary["val_loss"], ref["val_loss"],
+                 summary["val_balanced_accuracy"], ref["val_balanced_accuracy"], summary["val_macro_roc_auc"], ref["val_macro_roc_auc"])
     return model, summary
 
 
-def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_model_path: Path, logger) -> tuple[object, dict]:
-    """Unfreeze the top `finetune.unfreeze` backbone layers (BatchNorm stays frozen) and train on,
-    with a lower learning rate, augmentation and its own early stopping."""
+def _view_batches(views: list[np.ndarray], onehot: np.ndarray, weights: np.ndarray, batch_size: int, seed: int):
+    """A keras.utils.PyDataset over cached boundary activations: every epoch each training image appears once,
+    as one of its cached views (un-augmented or augmented) drawn at random, in shuffled order; seeded."""
+    import keras
+
+    class ViewBatches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__()
+            self.rng = np.random.default_rng(seed)
+            self.on_epoch_end()
+
+        def on_epoch_end(self):
+            self.order = self.rng.permutation(len(onehot))
+            self.view = self.rng.integers(0, len(views), len(onehot))
+
+        def __len__(self):
+            return int(np.ceil(len(onehot) / batch_size))
+
+        def __getitem__(self, i):
+            idx = np.sort(self.order[i * batch_size : (i + 1) * batch_size])
+            x = np.stack([views[v][j] for v, j in zip(self.view[idx], idx)]).astype(np.float32)
+            return x, onehot[idx], weights[idx]
+
+    return ViewBatches()
+
+
+def cache_views(model, lower, images: np.ndarray, views: int, augment, batch_size: int) -> list[np.ndarray]:
+    """The frozen part of `model` run once per view: [un-augmented, augmented 1..views], each float16 (N, ...)
+    activations at the input of `lower`'s output boundary."""
+    before = models.before_backbone(model)
+    out = []
+    for v in range(views + 1):
+        parts = []
+        for start in range(0, len(images), batch_size):
+            x = images[start : start + batch_size, ..., None].astype(np.float32)
+            if v and augment is not None:
+                x = augment(x, training=True)
+            parts.append(np.asarray(lower(before(x), training=False), dtype=np.float16))
+        out.append(np.concatenate(parts))
+    return out
+
+
+def fit_temperature(proba: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature T minimising the validation cross-entropy of softmax(log p / T) (Guo et al. 2017): a log grid
+    over [1/4, 4], then refined; 1.0 when no T helps."""
+    logp = np.log(np.clip(np.asarray(proba, np.float64), 1e-12, 1.0))
+
+    def nll(t):
+        z = logp / t
+        z = z - z.max(axis=1, keepdims=True)
+        return float(-(z[np.arange(len(labels)), labels] - np.log(np.exp(z).sum(axis=1))).mean())
+
+    best = min(np.exp(np.linspace(np.log(0.25), np.log(4.0), 81)), key=nll)
+    best = float(min(np.linspace(best / 1.04, best * 1.04, 21), key=nll))
+    return best if nll(best) < nll(1.0) else 1.0
+
+
+def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_model_path: Path, logger, positive: int = 0) -> tuple[object, dict]:
+    """Fine-tune the baseline from block `finetune.unfreeze_from` up (BatchNorm frozen for pretrained weights)
+    with AdamW, linear warm-up then cosine decay, label smoothing, class weights and augmentation. With
+    `finetune.views` > 0 the frozen lower backbone runs once per view (the un-augmented image and `views`
+    augmented ones) and each epoch trains only the top blocks on the cached activations. The checkpoint is
+    chosen on validation `finetune.monitor`; the baseline (epoch 0) is kept when no epoch beats it. With
+    `finetune.temperature_scaling`, the softmax is then calibrated on validation."""
+    import keras
+    from dvclive.keras import DVCLiveCallback
+
     cfg, runtime = p["finetune"], p["runtime"]
     set_determinism(cfg["seed"], ops=not runtime["xla"])
     strategy = configure_runtime(runtime)
     bs = cfg["batch_size"] * strategy.num_replicas_in_sync
+    tr, va = splits["train"], splits["val"]
+    k = len(classes)
+    aug = data.augmenter(p["train"]["augment"], cfg["seed"])
+    onehot = np.eye(k, dtype=np.float32)[tr.labels]
     with strategy.scope():
         model = models.load(base_model_path)
-        n = models.unfreeze_top(model, cfg["unfreeze"], freeze_batchnorm=p["model"]["weights"] != "none")
-    log.info("fine-tuning %d backbone layers with weights", n)
-    tr, va = splits["train"], splits["val"]
-    aug = data.augmenter(p["train"]["augment"], cfg["seed"])
-    weights = class_weights(tr.labels, len(classes), p["train"]["class_weight"])
-    summary = fit(model, data.dataset(tr.images, tr.labels, bs, shuffle=True, seed=cfg["seed"], augment=aug),
-                  data.dataset(va.images, va.labels, bs), epochs=cfg["epochs"], patience=cfg["patience"],
-                  lr=cfg["learning_rate"], weights=weights, logger=logger, xla=runtime["xla"], keep_start=True)
-    summary["trainable_layers"] = n
+        n = models.unfreeze_from(model, cfg["unfreeze_from"], freeze_batchnorm=p["model"]["weights"] != "none")
+    log.info("fine-tuning %d backbone layers with weights, from %s up", n, cfg["unfreeze_from"])
+    t0 = time.perf_counter()
+    if cfg["views"]:
+        lower, top = models.split_backbone(model, cfg["unfreeze_from"])
+        train_views = cache_views(model, lower, tr.images, cfg["views"], aug, bs)
+        val_x = cache_views(model, lower, va.images, 0, None, bs)[0].astype(np.float32)
+        with strategy.scope():
+            inp = keras.Input(top.input.shape[1:], name="boundary")
+            out = model.get_layer("predictions")(model.get_layer("dropout")(model.get_layer("pool")(top(inp))))
+            trained = keras.Model(inp, out, name="finetune_top")
+        fit_data = {"x": _view_batches(train_views, onehot, _sample_weights(tr.labels, k, p["train"]["class_weight"]), bs, cfg["seed"])}
+        log.info("cached %d views of %d training images and %d validation images, %s each, in %.1fs",
+                 cfg["views"] + 1, len(tr), len(va), tuple(top.input.shape[1:]), time.perf_counter() - t0)
+    else:
+        trained = model
+        val_x = va.images[..., None].astype(np.float32)
+        fit_data = {"x": data.dataset(tr.images, onehot, bs, shuffle=True, seed=cfg["seed"], augment=aug),
+                    "class_weight": class_weights(tr.labels, k, p["train"]["class_weight"])}
+    cache_s = time.perf_counter() - t0
+    steps_per_epoch = int(np.ceil(len(tr) / bs))
+    total = cfg["epochs"] * steps_per_epoch
+    warmup = min(cfg["warmup_epochs"] * steps_per_epoch, total - 1)
+    schedule = keras.optimizers.schedules.CosineDecay(0.0, decay_steps=max(1, total - warmup),
+                                                      warmup_target=cfg["learning_rate"], warmup_steps=warmup)
+    trained.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg["weight_decay"]),
+                    loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg["label_smoothing"]),
+                    jit_compile=runtime["xla"])
+    selector = Selector(lambda: trained.predict(val_x, batch_size=bs, verbose=0), va.labels, positive,
+                        cfg["monitor"], cfg["monitor_specificity"], cfg["patience"])
+    t1 = time.perf_counter()
+    trained.fit(**fit_data, epochs=cfg["epochs"], callbacks=[selector.callback(trained), DVCLiveCallback(live=logger)], verbose=0)
+    seconds = time.perf_counter() - t1
+    summary = selector.restore(trained)
+    summary.update(trainable_layers=n, cache_seconds=cache_s, seconds_per_epoch=seconds / max(1, summary["epochs_run"]))
+    if cfg["temperature_scaling"]:
+        proba = trained.predict(val_x, batch_size=bs, verbose=0).astype(np.float64)
+        t = fit_temperature(proba, va.labels)
+        models.scale_logits(model, t)
+        after = trained.predict(val_x, batch_size=bs, verbose=0).astype(np.float64)
+        summary["temperature"] = {"value": round(t, 4),
+                                  "val_ece_before": round(metrics.expected_calibration_error(va.labels, proba), 4),
+                                  "val_ece_after": round(metrics.expected_calibration_error(va.labels, after), 4)}
+        log.info("temperature scaling on validation: T=%.3f, ECE %.4f -> %.4f", t,
+                 summary["temperature"]["val_ece_before"], summary["temperature"]["val_ece_after"])
     return model, summary
 
 
@@ -173,23 +325,30 @@ def read_info(model_path: Path) -> dict:
 
 
 def run_stage(stage: str) -> None:
-    """The train or finetune stage: params -> model file + sidecar, dvclive curves and summary."""
+    """The train or finetune stage: params -> model file + sidecar, dvclive curves and summary. dvclive writes
+    into a temporary folder that replaces metrics/<stage>/ only when the stage succeeds."""
+    from dvclive import Live
+
     from . import params
 
     t0 = time.perf_counter()
     p = params.load()
     ds = params.dataset(p)
-    splits = data.load_splits(ds["classes"])
-    logger = live(stage)
-    if stage == "train":
-        model, summary = baseline(p, ds["classes"], splits, logger)
-        out = paths.BASELINE
-    else:
-        model, summary = finetune(p, ds["classes"], splits, paths.BASELINE, logger)
-        out = paths.FINETUNED
-    save(model, out, model_info(p, ds["classes"], ds["positive"]))
-    timing = {k: round(summary.pop(k), 2) for k in list(summary) if "seconds" in k}
-    logger.summary["epochs_run"] = summary.pop("epochs_run")
-    logger.summary["best"] = {"epoch": summary.pop("best_epoch"), **summary}
-    logger.make_summary()
-    log.info("%s: %s; %s; stage %.1fs", stage, summary, timing, time.perf_counter() - t0)
+    classes = ds["classes"]
+    splits = data.load_splits(classes)
+    with atomic.atomic_dir(paths.METRICS / stage) as tmp:
+        logger = Live(dir=str(tmp), dvcyaml=False, save_dvc_exp=False, report=None)
+        if stage == "train":
+            model, summary = baseline(p, classes, splits, logger, classes.index(ds["positive"]))
+            out = paths.BASELINE
+        else:
+            model, summary = finetune(p, classes, splits, paths.BASELINE, logger, classes.index(ds["positive"]))
+            out = paths.FINETUNED
+        save(model, out, model_info(p, classes, ds["positive"]))
+        timing = {k: round(summary.pop(k), 2) for k in list(summary) if "seconds" in k}
+        logger.summary["epochs_run"] = summary.pop("epochs_run")
+        logger.summary["best"] = {"epoch": summary.pop("best_epoch"), **summary}
+        logger.summary["seconds"] = timing
+        logger.make_summary()
+    log.info("%s: best epoch %s of %s, %s; %s; stage %.1fs", stage, logger.summary["best"]["epoch"], logger.summary["epochs_run"],
+             {k: v for k, v in summary.items() if k.startswith("val_")}, timing, time.perf_counter() - t0)

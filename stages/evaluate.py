@@ -33,16 +33,17 @@ def main() -> None:
             result["triage"][k] = {m: result["triage"][k][m] for m in ("sensitivity", "specificity", "ppv", "npv")}
         atomic.write_json(paths.METRICS / "evaluate" / f"{name}.json", result)
         atomic.write_json(paths.REPORTS / "evaluate" / f"{name}.json", details)
-        atomic.write_json(paths.sidecar(path, "operating_point"), {"class": positive, "threshold": threshold,
-                                                                   "target_sensitivity": p["evaluate"]["target_sensitivity"]})
+        op = p["evaluate"]["operating_point"]
+        atomic.write_json(paths.sidecar(path, "operating_point"), {"class": positive, "threshold": threshold, "by": op["by"], "target": op["target"]})
         if name == "finetuned":
             atomic.write_csv(paths.TEST_PREDICTIONS, evaluation.prediction_table(splits["test"], proba["test"], classes, positive, threshold))
         live = Live(dir=str(paths.PLOTS / "evaluate" / name), dvcyaml=False, save_dvc_exp=False, report=None)
         evaluation.write_plots(live, proba["test"], labels["test"], classes, positive)
         t, key = result["triage"], positive
-        log.info("%s: test accuracy %.3f, macro ROC-AUC %s; %s sensitivity/specificity %s/%s at argmax, %s/%s at threshold %.4f",
-                 name, result["test"]["accuracy"], result["test"]["macro"]["roc_auc"], key,
-                 t["test_argmax"]["sensitivity"], t["test_argmax"]["specificity"], t["test"]["sensitivity"], t["test"]["specificity"], threshold)
+        log.info("%s: test balanced accuracy %.3f, macro ROC-AUC %s; %s sensitivity/specificity %s/%s at argmax, %s/%s at threshold %.4f; "
+                 "val/test %s", name, result["test"]["balanced_accuracy"], result["test"]["macro"]["roc_auc"], key,
+                 t["test_argmax"]["sensitivity"], t["test_argmax"]["specificity"], t["test"]["sensitivity"], t["test"]["specificity"], threshold,
+                 {k: (result["positive"]["val"][k], result["positive"]["test"][k]) for k in result["positive"]["test"] if k != "ci"})
     log.info("done in %.1fs", time.perf_counter() - t0)
 
 

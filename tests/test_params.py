@@ -64,6 +64,20 @@ def test_round_trip_copy_is_valid(tmp_path, base):
     ("train.patience", _DELETE, "train.patience"),
     ("evaluate.bootstrap", _DELETE, "evaluate.bootstrap"),
     ("clean", _DELETE, "clean."),
+    ("train.l2", -0.1, "train.l2"),
+    ("finetune.unfreeze_from", 30, "finetune.unfreeze_from"),
+    ("finetune.unfreeze_from", "", "finetune.unfreeze_from"),
+    ("finetune.views", -1, "finetune.views"),
+    ("finetune.warmup_epochs", 12, "finetune.warmup_epochs"),
+    ("finetune.label_smoothing", 1.0, "finetune.label_smoothing"),
+    ("finetune.monitor", "val_loss", "finetune.monitor"),
+    ("finetune.monitor_specificity", 0, "finetune.monitor_specificity"),
+    ("finetune.temperature_scaling", "yes", "finetune.temperature_scaling"),
+    ("evaluate.operating_point.by", "ppv", "evaluate.operating_point.by"),
+    ("evaluate.operating_point.target", 1.5, "evaluate.operating_point.target"),
+    ("evaluate.sensitivity_at_specificity", [0.95, 1.0], "evaluate.sensitivity_at_specificity"),
+    ("evaluate.sensitivity_at_specificity", 0.95, "evaluate.sensitivity_at_specificity"),
+    ("evaluate.specificity_at_sensitivity", [0.9, 0.9], "evaluate.specificity_at_sensitivity"),
 ])
 def test_bad_value_names_its_key(tmp_path, base, key, value, named):
     tree = copy.deepcopy(base)

@@ -67,7 +67,7 @@ def test_same_params_give_byte_identical_split(demo_copy):
 
 
 def test_evaluate_param_reruns_only_evaluate(demo_copy):
-    set_params(demo_copy / "params.yaml", {"evaluate.target_sensitivity": 0.9})
+    set_params(demo_copy / "params.yaml", {"evaluate.operating_point.target": 0.9})
     proc = dvc(demo_copy, "repro")
     assert ran_stages(proc.stdout) == ["evaluate"]
 
@@ -80,11 +80,17 @@ def test_finetune_then_train_params_rerun_what_depends_on_them(demo_copy):
     assert ran_stages(dvc(demo_copy, "repro").stdout) == ["train", "finetune", "evaluate", "gradcam"]
 
 
-def test_finetuned_model_beats_chance(demo_repo):
+def test_finetuned_model_beats_chance_and_the_baseline(demo_repo):
     m = json.loads((demo_repo / "metrics/evaluate/finetuned.json").read_text())
+    base = json.loads((demo_repo / "metrics/evaluate/baseline.json").read_text())
     # three balanced classes: chance is 1/3 accuracy and 0.5 AUC
     assert m["test"]["accuracy"] >= 0.6, m["test"]
     assert m["test"]["macro"]["roc_auc"] >= 0.75, m["test"]
+    # fine-tuning improves on its starting point, on validation (where the checkpoint is chosen) and on test
+    summary = json.loads((demo_repo / "metrics/finetune/metrics.json").read_text())["best"]
+    assert summary["epoch"] >= 1 and summary["val_macro_roc_auc"] > summary["start"]["val_macro_roc_auc"]
+    assert m["val"]["macro"]["roc_auc"] > base["val"]["macro"]["roc_auc"]
+    assert m["test"]["macro"]["roc_auc"] > base["test"]["macro"]["roc_auc"]
 
 
 def test_evaluate_metrics_and_plots(demo_repo):
@@ -102,7 +108,13 @@ def test_evaluate_metrics_and_plots(demo_repo):
         tri = m["triage"]
         assert tri["class"] == "COVID" and 0 <= tri["threshold"] <= 1
         # the threshold was chosen on validation to reach the target sensitivity there
-        assert tri["val"]["sensitivity"] >= tri["target_sensitivity"]
+        assert tri["by"] == "sensitivity" and tri["val"]["sensitivity"] >= tri["target"]
+        pos = m["positive"]
+        assert pos["class"] == "COVID"
+        for split in ("val", "test"):
+            assert set(pos[split]) == {"sens_at_spec95", "sens_at_spec98", "spec_at_sens95", "ci"}
+            assert pos[split]["sens_at_spec98"] <= pos[split]["sens_at_spec95"]
+            assert pos[split]["ci"]["sens_at_spec95"]["low"] <= pos[split]["sens_at_spec95"] <= pos[split]["ci"]["sens_at_spec95"]["high"]
         op = json.loads((demo_repo / f"models/{name}.operating_point.json").read_text())
         assert op["threshold"] == pytest.approx(tri["threshold"], abs=1e-6)
     html = demo_repo / "plots_html"

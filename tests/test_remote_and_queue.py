@@ -44,7 +44,7 @@ def _wait_for_queue(repo, timeout=600):
 @pytest.mark.slow
 def test_queued_experiments_run_in_parallel_workers(demo_copy):
     for target in ("0.8", "0.99"):
-        dvc(demo_copy, "exp", "run", "--queue", "-S", f"evaluate.target_sensitivity={target}")
+        dvc(demo_copy, "exp", "run", "--queue", "-S", f"evaluate.operating_point.target={target}")
     dvc(demo_copy, "queue", "start", "-j", "2")
     status = _wait_for_queue(demo_copy)
     assert "Failed" not in status, status
@@ -53,7 +53,7 @@ def test_queued_experiments_run_in_parallel_workers(demo_copy):
     thresholds = {}
     for exp in exps:
         data = exp["revs"][0]["data"]
-        target = data["params"]["params.yaml"]["data"]["evaluate"]["target_sensitivity"]
+        target = data["params"]["params.yaml"]["data"]["evaluate"]["operating_point"]["target"]
         metrics = data["metrics"]["metrics/evaluate/finetuned.json"]["data"]
         thresholds[target] = metrics["triage"]["threshold"]
     assert set(thresholds) == {0.8, 0.99}, exps

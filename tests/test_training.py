@@ -30,7 +30,7 @@ def _params(**over):
     p["clean"]["image_size"] = 32
     p["model"].update(weights="none", alpha=0.35)
     p["train"].update(epochs=2, batch_size=8, patience=2)
-    p["finetune"].update(epochs=2, batch_size=8, patience=2, unfreeze=200, learning_rate=0.003)
+    p["finetune"].update(epochs=2, batch_size=8, patience=2, unfreeze_from="all", views=0, learning_rate=0.003, warmup_epochs=0)
     for key, value in over.items():
         section, leaf = key.split(".")
         p[section][leaf] = value
@@ -88,13 +88,107 @@ def test_finetune_keeps_start_when_no_epoch_improves(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_unfreeze_keeps_batchnorm_frozen_for_pretrained_weights():
+def test_unfreeze_from_a_block_keeps_batchnorm_frozen_for_pretrained_weights():
     m = models.build("mobilenetv2", 3, 32, "none", alpha=0.35)
-    n = models.unfreeze_top(m, 20, freeze_batchnorm=True)
+    n = models.unfreeze_from(m, "block_15", freeze_batchnorm=True)
     net = m.get_layer("backbone")
+    first = [l.name for l in net.layers].index("block_15_expand")
     assert n > 0
     assert not any(l.trainable for l in net.layers if isinstance(l, keras.layers.BatchNormalization))
-    assert all(not l.trainable for l in net.layers[:-20])
+    assert all(not l.trainable for l in net.layers[:first])
+    assert net.get_layer("block_15_expand").trainable and net.get_layer("Conv_1").trainable
+    # "block_1" names block_1 only, not block_10..block_16
+    assert models.first_trainable_layer(net, "block_1") == [l.name for l in net.layers].index("block_1_expand")
+
+
+def test_unknown_or_mid_block_start_is_one_clear_error():
+    m = models.build("mobilenetv2", 3, 32, "none", alpha=0.35)
+    with pytest.raises(UserError, match="finetune.unfreeze_from: no .* named 'block_99'"):
+        models.unfreeze_from(m, "block_99")
+    # inside a residual block, later layers also read the block's input: not a valid cut
+    with pytest.raises(UserError, match="finetune.unfreeze_from"):
+        models.split_backbone(m, "block_14_depthwise")
+
+
+def test_split_backbone_composes_to_the_backbone():
+    m = models.build("mobilenetv2", 3, 32, "none", alpha=0.35)
+    lower, top = models.split_backbone(m, "block_13")
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
+    net = m.get_layer("backbone")
+    np.testing.assert_allclose(top(lower(x)), net(x), atol=1e-5)
+    assert top.layers[-1] is net.layers[-1]  # shared layers: training the top trains the model
+
+
+def test_finetune_on_cached_views_trains_the_top_blocks_of_the_full_model(tmp_path):
+    s = _splits()
+    p = _params(**{"finetune.unfreeze_from": "block_15", "finetune.views": 2, "finetune.epochs": 3, "finetune.patience": 3})
+    model, _ = training.baseline(p, CLASSES, s, _live(tmp_path / "a"))
+    path = tmp_path / "baseline.keras"
+    training.save(model, path, training.model_info(p, CLASSES, "COVID"))
+    runs = []
+    for i in range(2):
+        tuned, summary = training.finetune(p, CLASSES, s, path, _live(tmp_path / f"b{i}"))
+        runs.append((summary, tuned))
+    summary, tuned = runs[0]
+    assert summary["epochs_run"] == 3 and summary["monitor"] == "macro_roc_auc"
+    assert set(summary["start"]) >= {"val_loss", "val_macro_roc_auc", "val_sensitivity_at_specificity"}
+    before, after = model.get_layer("backbone"), tuned.get_layer("backbone")
+    assert np.array_equal(before.get_layer("block_14_expand").get_weights()[0], after.get_layer("block_14_expand").get_weights()[0])
+    if summary["best_epoch"] > 0:
+        assert not np.array_equal(before.get_layer("block_15_expand").get_weights()[0], after.get_layer("block_15_expand").get_weights()[0])
+    # deterministic: the same params and data give the same weights
+    for a, b in zip(runs[0][1].get_weights(), runs[1][1].get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_selector_keeps_the_start_unless_an_epoch_beats_it():
+    y = np.array([0, 1, 2, 0, 1, 2])
+    good = np.eye(3)[y] * 0.8 + 0.2 / 3
+    bad = np.full((6, 3), 1 / 3)
+
+    class Weights:
+        def __init__(self):
+            self.w = "start"
+
+        def get_weights(self):
+            return self.w
+
+        def set_weights(self, w):
+            self.w = w
+
+    holder = Weights()
+    outputs = iter([good, bad, bad])
+    sel = training.Selector(lambda: next(outputs), y, 0, "macro_roc_auc", 0.95, patience=5)
+    for epoch in range(3):
+        holder.w = f"epoch{epoch}"
+        sel.score(epoch, holder)
+    summary = sel.restore(holder)
+    assert summary["best_epoch"] == 0 and holder.w == "epoch0"
+    # a tie on the monitor is broken by the lower loss
+    outputs = iter([bad, good * 0 + np.eye(3)[y] * 0.5 + 0.5 / 3, np.eye(3)[y] * 0.9 + 0.1 / 3])
+    sel = training.Selector(lambda: next(outputs), y, 0, "macro_roc_auc", 0.95, patience=5)
+    for epoch in range(3):
+        holder.w = f"epoch{epoch}"
+        sel.score(epoch, holder)
+    assert sel.restore(holder)["best_epoch"] == 2
+
+
+def test_temperature_scaling_calibrates_and_keeps_the_argmax():
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 1.5, (4000, 3))
+    fair = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    y = np.array([rng.choice(3, p=row) for row in fair])  # labels drawn from softmax(z): calibrated at T=1
+    sharp = np.exp(3 * z) / np.exp(3 * z).sum(axis=1, keepdims=True)  # over-confident by a factor 3
+    assert 2.6 < training.fit_temperature(sharp, y) < 3.4
+    assert training.fit_temperature(fair, y) == pytest.approx(1.0, abs=0.1)
+    m = models.build("mobilenetv2", 3, 32, "none", alpha=0.35)
+    x = rng.integers(0, 256, (4, 32, 32, 1)).astype("float32")
+    p1 = m.predict(x, verbose=0)
+    models.scale_logits(m, 2.0)
+    p2 = m.predict(x, verbose=0)
+    expected = np.exp(np.log(p1) / 2.0)
+    np.testing.assert_allclose(p2, expected / expected.sum(axis=1, keepdims=True), atol=1e-5)
+    assert (p1.argmax(axis=1) == p2.argmax(axis=1)).all()
 
 
 @pytest.mark.parametrize("arch", ["mobilenetv2", "efficientnetb0", "resnet50", "densenet121"])
