@@ -230,6 +230,31 @@ def fingerprint(root: Path) -> dict:
     return {"files": n, "bytes": size, "sha256": h.hexdigest()}
 
 
+def stat_fingerprint(path: Path) -> dict:
+    """A cheap identity of a local copy: file count, bytes, and one sha256 over every file's relative path, size
+    and modification time (stat only, links not followed), so an edited, added or removed file changes it."""
+    h, n, size = hashlib.sha256(), 0, 0
+    entries = [path] if path.is_file() else sorted(q for q in path.rglob("*") if not q.is_dir() or q.is_symlink())
+    for q in entries:
+        st = q.lstat()
+        rel = q.name if q == path else q.relative_to(path).as_posix()
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0".encode("utf-8", "surrogateescape"))
+        n, size = n + 1, size + st.st_size
+    return {"files": n, "bytes": size, "stat_sha256": h.hexdigest()}
+
+
+def origin(name: str, ds: dict) -> dict:
+    """Where `download` takes dataset `name` from, as the `source` stage records it: generated (demo), a Kaggle
+    handle, or a local copy under CXR_DATA_DIR with its resolved path and stat fingerprint. DVC cannot see an
+    environment variable or files outside the project; this record is what it can see."""
+    if name == "demo":
+        return {"dataset": name, "origin": "generated"}
+    local = find_local(name, os.environ.get(ENV))
+    if local is None:
+        return {"dataset": name, "origin": f"kaggle:{ds['kaggle']}"}
+    return {"dataset": name, "origin": "local copy", "path": str(local.resolve()), **stat_fingerprint(local)}
+
+
 def summarize_drops(drops: list[Drop]) -> dict:
     reasons: dict[str, int] = {}
     for d in drops:

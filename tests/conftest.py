@@ -60,23 +60,26 @@ def env() -> dict:
     return e
 
 
-def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def run(cwd: Path, *args: str, check: bool = True, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a command (e.g. `dvc repro`) in cwd, importing that repository's own `cxr`; on failure show its output."""
     e = env()
     e["PYTHONPATH"] = str(cwd)
+    e.update(extra_env or {})
     proc = subprocess.run(list(args), cwd=cwd, env=e, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
     return proc
 
 
-def dvc(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run(cwd, sys.executable, "-m", "dvc", *args, check=check)
+def dvc(cwd: Path, *args: str, check: bool = True, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    return run(cwd, sys.executable, "-m", "dvc", *args, check=check, extra_env=extra_env)
 
 
-def ran_stages(output: str) -> list[str]:
-    """Stage names DVC actually ran, from `dvc repro`/`dvc exp run` output."""
-    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+def ran_stages(output: str, with_source: bool = False) -> list[str]:
+    """Stage names DVC actually ran, from `dvc repro`/`dvc exp run` output. `source` runs on every repro
+    (always_changed) and is left out unless `with_source`: the list is what its inputs made rerun."""
+    names = [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+    return names if with_source else [n for n in names if n != "source"]
 
 
 def make_repo(root: Path, overrides: dict) -> Path:

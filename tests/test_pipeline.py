@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,7 @@ STAGES = ["download", "clean", "split", "train", "finetune", "evaluate", "gradca
 
 def test_first_repro_runs_every_stage(demo_repo):
     log = (demo_repo / "first_repro.log").read_text()
-    assert ran_stages(log) == STAGES
+    assert ran_stages(log, with_source=True) == ["source"] + STAGES
 
 
 def test_outputs(demo_repo):
@@ -49,9 +50,11 @@ def test_outputs(demo_repo):
 
 def test_noop_repro(demo_repo):
     proc = dvc(demo_repo, "repro")
-    assert ran_stages(proc.stdout) == []
-    assert "Data and pipelines are up to date" in proc.stdout
-    assert dvc(demo_repo, "status").stdout.strip().startswith("Data and pipelines are up to date")
+    # `source` looks at the data's origin every time; nothing else reruns, because its record is unchanged
+    assert ran_stages(proc.stdout, with_source=True) == ["source"]
+    assert "Stage 'download' didn't change, skipping" in proc.stdout
+    status = dvc(demo_repo, "status").stdout
+    assert status.split() == ["source:", "always", "changed"], status
 
 
 def test_split_param_reruns_only_split(demo_copy):
@@ -164,3 +167,43 @@ def test_predict_matches_evaluate(demo_repo, tmp_path):
         np.testing.assert_allclose(merged[f"p_{c}_pred"], merged[f"p_{c}_eval"], atol=1e-5)
     assert (merged["prediction_pred"] == merged["prediction_eval"]).all()
     assert (merged["triage_pred"] == merged["triage_eval"]).all()
+
+
+def _local_copy(root: Path, n: int = 6) -> Path:
+    """A tiny covid-radiography copy in the Kaggle layout, under root/covid-radiography/."""
+    for cls in ("COVID", "Normal", "Viral Pneumonia"):
+        folder = root / "covid-radiography" / "COVID-19_Radiography_Dataset" / cls / "images"
+        folder.mkdir(parents=True)
+        for i in range(n):
+            arr = np.random.default_rng(hash((cls, i)) % 2**32).integers(0, 255, (48, 48), dtype=np.uint8)
+            Image.fromarray(arr).save(folder / f"{cls}-{i}.png")
+    return root
+
+
+def test_changes_to_the_local_copy_rerun_download(tmp_path):
+    """DVC cannot see CXR_DATA_DIR: the `source` stage fingerprints the copy, so editing it or pointing the
+    variable elsewhere reruns download, and an unchanged copy does not."""
+    import shutil
+
+    from conftest import make_repo
+
+    repo = make_repo(tmp_path / "repo", {"dataset": "covid-radiography"})
+    copy = _local_copy(tmp_path / "copy")
+    local = {"CXR_DATA_DIR": str(copy)}
+    first = dvc(repo, "repro", "download", extra_env=local)
+    assert ran_stages(first.stdout) == ["download"]
+    record = json.loads((repo / "data/source.json").read_text())
+    assert record["origin"] == "local copy" and record["files"] == 18
+    assert ran_stages(dvc(repo, "repro", "download", extra_env=local).stdout) == []
+    # an edited image: download reruns and data/raw holds the new bytes
+    edited = copy / "covid-radiography/COVID-19_Radiography_Dataset/Normal/images/Normal-0.png"
+    Image.fromarray(np.zeros((48, 48), np.uint8)).save(edited)
+    assert "always changed" in dvc(repo, "status", extra_env=local).stdout
+    assert ran_stages(dvc(repo, "repro", "download", extra_env=local).stdout) == ["download"]
+    assert (repo / "data/raw/COVID-19_Radiography_Dataset/Normal/images/Normal-0.png").read_bytes() == edited.read_bytes()
+    # the variable pointing at another copy reruns it too
+    other = tmp_path / "other"
+    shutil.copytree(copy, other)
+    (other / "covid-radiography/COVID-19_Radiography_Dataset/Normal/images/Normal-1.png").unlink()
+    assert ran_stages(dvc(repo, "repro", "download", extra_env={"CXR_DATA_DIR": str(other)}).stdout) == ["download"]
+    assert json.loads((repo / "metrics/download.json").read_text())["files"] == 17

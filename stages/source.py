@@ -1,0 +1,24 @@
+"""source: where the dataset comes from (Kaggle handle, generated demo, or the local copy under CXR_DATA_DIR with
+a fingerprint of its files) -> data/source.json. It runs on every `dvc repro` (always_changed: DVC cannot see an
+environment variable or files outside the project); `download` depends on the record, so it reruns only when the
+origin or the local copy changed."""
+import logging
+
+from cxr import atomic, params, paths
+from cxr.download import origin
+from cxr.errors import cli
+
+log = logging.getLogger("source")
+
+
+@cli
+def main() -> None:
+    p = params.load()
+    ds = params.dataset(p)
+    record = origin(ds["name"], ds)
+    atomic.write_json(paths.SOURCE, record)
+    log.info("%s: %s%s", ds["name"], record["origin"], f" {record['path']} ({record['files']} files)" if "path" in record else "")
+
+
+if __name__ == "__main__":
+    main()
