@@ -65,7 +65,8 @@ def backbone(arch: str, image_size: int, weights: str, alpha: float = 1.0) -> ke
     try:
         net = cls(include_top=False, weights=w, input_shape=(image_size, image_size, 3), **kwargs)
     except ValueError as err:
-        raise UserError(f"{arch} cannot use these weights or this input: {str(err).splitlines()[0]}") from None
+        raise UserError(f"model.arch={arch}, model.alpha={alpha}, model.weights={weights} and clean.image_size={image_size} "
+                        f"do not fit together: {str(err).splitlines()[0]}") from None
     except Exception as err:  # network errors from the weights download come in many types
         if w != "imagenet":
             raise

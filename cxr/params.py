@@ -14,6 +14,8 @@ from .errors import UserError
 
 DATASETS = ("covid-radiography", "covid-chestxray", "demo")
 ARCHS = ("mobilenetv2", "efficientnetb0", "resnet50", "densenet121")
+# Width multipliers for which ImageNet MobileNetV2 weights are published.
+MOBILENETV2_IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 # Smallest input side each keras.applications backbone accepts.
 MIN_SIZE = {"mobilenetv2": 32, "efficientnetb0": 32, "resnet50": 32, "densenet121": 32}
 
@@ -170,7 +172,12 @@ def _validate(p: dict) -> None:
     w = _get(p, "model.weights")
     if not isinstance(w, str) or not w:
         _fail("model.weights", "imagenet, none, or a path to a weights file", w)
-    _float(p, "model.alpha", 0, 2, lo_open=True)
+    if w not in ("imagenet", "none") and not Path(w).expanduser().is_file():
+        _fail("model.weights", f"imagenet, none, or an existing {arch} weights file (include_top=False)", w)
+    alpha = _float(p, "model.alpha", 0, 2, lo_open=True)
+    if arch == "mobilenetv2" and w == "imagenet" and alpha not in MOBILENETV2_IMAGENET_ALPHAS:
+        _fail("model.alpha", f"one of {', '.join(map(str, MOBILENETV2_IMAGENET_ALPHAS))} with model.weights=imagenet "
+              "(or model.weights=none)", alpha)
     _float(p, "model.dropout", 0, 1, hi_open=True)
 
     for stage in ("train", "finetune"):

@@ -78,6 +78,8 @@ def test_round_trip_copy_is_valid(tmp_path, base):
     ("evaluate.sensitivity_at_specificity", [0.95, 1.0], "evaluate.sensitivity_at_specificity"),
     ("evaluate.sensitivity_at_specificity", 0.95, "evaluate.sensitivity_at_specificity"),
     ("evaluate.specificity_at_sensitivity", [0.9, 0.9], "evaluate.specificity_at_sensitivity"),
+    ("model.weights", "no/such/weights.h5", "model.weights"),
+    ("model.alpha", 0.6, "model.alpha"),
 ])
 def test_bad_value_names_its_key(tmp_path, base, key, value, named):
     tree = copy.deepcopy(base)

@@ -215,3 +215,11 @@ def test_bad_weights_and_model_files_are_one_clear_error(tmp_path, monkeypatch):
         monkeypatch.setenv(var, "http://127.0.0.1:9")
     with pytest.raises(UserError, match="model.weights"):
         models.build("efficientnetb0", 3, 32, "imagenet")
+
+
+def test_weights_that_do_not_fit_the_arch_name_the_params(tmp_path):
+    net = models.backbone("mobilenetv2", 32, "none", alpha=1.0)
+    path = tmp_path / "mobilenetv2_alpha1.weights.h5"
+    net.save_weights(path)
+    with pytest.raises(UserError, match=r"model.arch=mobilenetv2, model.alpha=0.35, model.weights=.* do not fit together"):
+        models.build("mobilenetv2", 3, 32, str(path), alpha=0.35)
