@@ -246,13 +246,17 @@ def fixed_rate_statistics(positive: int, specificities: list[float], sensitiviti
             **{rate_key("spec_at_sens", s): at_sens(s) for s in sensitivities}}
 
 
-def selection_scores(y_true: np.ndarray, proba: np.ndarray, positive: int, specificity: float) -> dict[str, float]:
-    """What checkpoint selection can monitor on validation: loss (cross-entropy), accuracy, balanced accuracy,
-    macro ROC-AUC, and sensitivity of class `positive` at the given specificity."""
+def selection_scores(y_true: np.ndarray, proba: np.ndarray, positive: int, specificity: float,
+                     class_weight: dict[int, float] | None = None) -> dict[str, float]:
+    """What checkpoint selection can monitor on validation: loss (cross-entropy, weighted per class by
+    `class_weight` when training used it, so selection and training optimise the same thing), accuracy,
+    balanced accuracy, macro ROC-AUC, and sensitivity of class `positive` at the given specificity."""
     y_true = np.asarray(y_true, dtype=int)
     proba = np.asarray(proba, dtype=float)
     eps = 1e-7
-    loss = float(-np.log(np.clip(proba[np.arange(len(y_true)), y_true], eps, 1.0)).mean())
+    w = np.ones(len(y_true)) if class_weight is None else np.array([class_weight.get(int(c), 1.0) for c in y_true])
+    nll = -np.log(np.clip(proba[np.arange(len(y_true)), y_true], eps, 1.0))
+    loss = float((w * nll).sum() / w.sum())
     pred = proba.argmax(axis=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -64,11 +64,14 @@ MONITORS = ("macro_roc_auc", "sensitivity_at_specificity", "balanced_accuracy", 
 class Selector:
     """Checkpoint selection on validation: scores the starting weights (epoch 0) and every epoch with
     metrics.selection_scores, keeps the best weights by `monitor` (ties broken by lower loss), and stops after
-    `patience` epochs without improvement. The start is kept when no epoch beats it (the guard)."""
+    `patience` epochs without improvement. Where the start is a real model (fine-tuning starts from the
+    baseline) it is kept when no epoch beats it (the guard); a randomly initialised start is never chosen."""
 
-    def __init__(self, predict_val, y_val: np.ndarray, positive: int, monitor: str, specificity: float, patience: int):
+    def __init__(self, predict_val, y_val: np.ndarray, positive: int, monitor: str, specificity: float, patience: int,
+                 class_weight: dict | None = None, start_is_candidate: bool = True):
         self.predict_val, self.y, self.positive = predict_val, y_val, positive
         self.monitor, self.specificity, self.patience = monitor, specificity, patience
+        self.class_weight, self.start_is_candidate = class_weight, start_is_candidate
         self.history: list[dict] = []
         self.best_epoch, self.best_key, self.best_weights = None, None, None
 
@@ -77,8 +80,10 @@ class Selector:
         return (primary if np.isfinite(primary) else -np.inf, -s["loss"])
 
     def score(self, epoch: int, model) -> dict:
-        s = metrics.selection_scores(self.y, self.predict_val(), self.positive, self.specificity)
+        s = metrics.selection_scores(self.y, self.predict_val(), self.positive, self.specificity, self.class_weight)
         self.history.append({"epoch": epoch, **s})
+        if epoch == 0 and not self.start_is_candidate:
+            return s
         if self.best_key is None or self.key(s) > self.best_key:
             self.best_epoch, self.best_key, self.best_weights = epoch, self.key(s), model.get_weights()
         return s
@@ -97,7 +102,7 @@ class Selector:
                 s = selector.score(epoch + 1, model)
                 if logs is not None:  # the dvclive callback after this one logs them as eval/<name>
                     logs.update({f"val_{k}": v for k, v in s.items()})
-                if epoch + 1 - selector.best_epoch >= selector.patience:
+                if selector.best_epoch is not None and epoch + 1 - selector.best_epoch >= selector.patience:
                     model.stop_training = True
 
         return _Callback()
@@ -116,13 +121,13 @@ def _sample_weights(labels: np.ndarray, n_classes: int, mode: str) -> np.ndarray
     return np.ones(len(labels), np.float32) if w is None else np.array([w[int(c)] for c in labels], np.float32)
 
 
-def _logistic_reference(train_x, train_y, val_x, val_y, positive: int, specificity: float) -> dict:
+def _logistic_reference(train_x, train_y, val_x, val_y, positive: int, specificity: float, class_weight=None) -> dict:
     """sklearn's logistic regression on the same cached features (balanced class weights, C=1), scored on
     validation: the floor the Keras head must reach."""
     from sklearn.linear_model import LogisticRegression
 
     lr = LogisticRegression(C=1.0, max_iter=5000, class_weight="balanced").fit(train_x, train_y)
-    s = metrics.selection_scores(val_y, lr.predict_proba(val_x), positive, specificity)
+    s = metrics.selection_scores(val_y, lr.predict_proba(val_x), positive, specificity, class_weight)
     return {f"val_{k}": round(v, 6) for k, v in s.items()}
 
 
@@ -162,15 +167,17 @@ def baseline(p: dict, classes: list[str], splits: dict[str, data.Subset], logger
     steps = cfg["epochs"] * int(np.ceil(len(tr) / bs))
     trained.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(cfg["learning_rate"], steps)),
                     loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=runtime["xla"])
-    selector = Selector(lambda: trained.predict(x_val, batch_size=bs, verbose=0), va.labels, positive, "loss", spec, cfg["patience"])
+    weights = class_weights(tr.labels, len(classes), cfg["class_weight"])
+    selector = Selector(lambda: trained.predict(x_val, batch_size=bs, verbose=0), va.labels, positive, "loss", spec,
+                        cfg["patience"], class_weight=weights, start_is_candidate=False)
     t0 = time.perf_counter()
-    trained.fit(**fit_data, epochs=cfg["epochs"], class_weight=class_weights(tr.labels, len(classes), cfg["class_weight"]),
+    trained.fit(**fit_data, epochs=cfg["epochs"], class_weight=weights,
                 callbacks=[selector.callback(trained), DVCLiveCallback(live=logger)], verbose=0)
     seconds = time.perf_counter() - t0
     summary = {**selector.restore(trained), **summary}
     summary["seconds_per_epoch"] = seconds / max(1, summary["epochs_run"])
     if cfg["feature_cache"]:
-        ref = summary["logistic_regression"] = _logistic_reference(x_train, tr.labels, x_val, va.labels, positive, spec)
+        ref = summary["logistic_regression"] = _logistic_reference(x_train, tr.labels, x_val, va.labels, positive, spec, weights)
         log.info("validation, head vs logistic regression on the same features: loss %.4f vs %.4f, balanced accuracy "
                  "%.4f vs %.4f, macro ROC-AUC %.4f vs %.4f", summary["val_loss"], ref["val_loss"],
                  summary["val_balanced_accuracy"], ref["val_balanced_accuracy"], summary["val_macro_roc_auc"], ref["val_macro_roc_auc"])
@@ -283,7 +290,8 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
                     loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg["label_smoothing"]),
                     jit_compile=runtime["xla"])
     selector = Selector(lambda: trained.predict(val_x, batch_size=bs, verbose=0), va.labels, positive,
-                        cfg["monitor"], cfg["monitor_specificity"], cfg["patience"])
+                        cfg["monitor"], cfg["monitor_specificity"], cfg["patience"],
+                        class_weight=class_weights(tr.labels, k, p["train"]["class_weight"]))
     t1 = time.perf_counter()
     trained.fit(**fit_data, epochs=cfg["epochs"], callbacks=[selector.callback(trained), DVCLiveCallback(live=logger)], verbose=0)
     seconds = time.perf_counter() - t1

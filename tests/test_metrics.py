@@ -286,3 +286,12 @@ def test_operating_point_by_specificity_reaches_the_target_on_validation():
         assert m.operating_point(y, score, lower)["specificity"] < target or lower == -np.inf
         t = evaluation.choose_threshold(y, score, "sensitivity", target)
         assert m.operating_point(y, score, t)["sensitivity"] >= target
+
+
+def test_selection_loss_is_weighted_like_training():
+    y = np.array([0, 0, 0, 1])
+    proba = np.array([[0.9, 0.1], [0.9, 0.1], [0.9, 0.1], [0.4, 0.6]])
+    plain = m.selection_scores(y, proba, 1, 0.95)["loss"]
+    weighted = m.selection_scores(y, proba, 1, 0.95, {0: 4 / 6, 1: 2.0})["loss"]
+    assert plain == pytest.approx(-(3 * np.log(0.9) + np.log(0.6)) / 4)
+    assert weighted == pytest.approx(-(3 * 4 / 6 * np.log(0.9) + 2.0 * np.log(0.6)) / (3 * 4 / 6 + 2.0))

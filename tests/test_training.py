@@ -164,6 +164,13 @@ def test_selector_keeps_the_start_unless_an_epoch_beats_it():
         sel.score(epoch, holder)
     summary = sel.restore(holder)
     assert summary["best_epoch"] == 0 and holder.w == "epoch0"
+    # a randomly initialised start (the baseline's head) is scored but never chosen, however good it looks
+    outputs = iter([good, bad, bad])
+    sel = training.Selector(lambda: next(outputs), y, 0, "loss", 0.95, patience=5, start_is_candidate=False)
+    for epoch in range(3):
+        holder.w = f"epoch{epoch}"
+        sel.score(epoch, holder)
+    assert sel.restore(holder)["best_epoch"] == 1 and holder.w == "epoch1"
     # a tie on the monitor is broken by the lower loss
     outputs = iter([bad, good * 0 + np.eye(3)[y] * 0.5 + 0.5 / 3, np.eye(3)[y] * 0.9 + 0.1 / 3])
     sel = training.Selector(lambda: next(outputs), y, 0, "macro_roc_auc", 0.95, patience=5)
