@@ -124,7 +124,7 @@ def test_evaluate_metrics_and_plots(demo_repo):
     dvc(demo_repo, "plots", "show", "-o", str(html))
     page = (html / "index.html").read_text()
     for title in ("Confusion matrix (fine-tuned, test)", "ROC one-vs-rest", "Precision-recall", "Calibration",
-                  "Recall (sensitivity) per class", "Fine-tuning loss", "Baseline training loss"):
+                  "Recall (sensitivity) per class", "Fine-tuning loss", "Baseline training loss", "Fine-tuning, validation"):
         assert title in page, title
     assert "covid.png" in page
 
