@@ -286,7 +286,7 @@ def read_operating_point(model_path: Path, classes: list[str]) -> dict | None:
         return None
     try:
         op = json.loads(p.read_text(encoding="utf-8"))
-        op = {"class": op["class"], "threshold": op["threshold"], "target_sensitivity": op.get("target_sensitivity")}
+        op = {"class": op["class"], "threshold": op["threshold"], "by": op.get("by"), "target": op.get("target")}
     except Exception as err:
         raise UserError(f"{p} is not a valid operating point file ({type(err).__name__}: {err})") from None
     t = op["threshold"]

@@ -97,7 +97,7 @@ def world(tmp_path_factory):
             scans / "p1.png", scans / "p2.jpg", odd]
     proba = evaluation.predict_proba(model, np.stack([decode(f, SIZE, "pad") for f in good]))
     threshold = float(np.median(proba[:, 0]))  # some files on each side
-    (path.parent / "m.operating_point.json").write_text(json.dumps({"class": "COVID", "threshold": threshold, "target_sensitivity": 0.95}))
+    (path.parent / "m.operating_point.json").write_text(json.dumps({"class": "COVID", "threshold": threshold, "by": "sensitivity", "target": 0.95}))
     return {"root": root, "scans": scans, "bad": bad, "odd": odd, "model_path": path, "model": model,
             "good": good, "threshold": threshold}
 
