@@ -341,6 +341,8 @@ def run_stage(stage: str) -> None:
 
     t0 = time.perf_counter()
     p = params.load()
+    out = paths.BASELINE if stage == "train" else paths.FINETUNED
+    atomic.remove_stale(paths.METRICS / stage, out, paths.sidecar(out, "info"))  # left by a killed run
     ds = params.dataset(p)
     classes = ds["classes"]
     splits = data.load_splits(classes)
@@ -348,10 +350,8 @@ def run_stage(stage: str) -> None:
         logger = Live(dir=str(tmp), dvcyaml=False, save_dvc_exp=False, report=None)
         if stage == "train":
             model, summary = baseline(p, classes, splits, logger, classes.index(ds["positive"]))
-            out = paths.BASELINE
         else:
             model, summary = finetune(p, classes, splits, paths.BASELINE, logger, classes.index(ds["positive"]))
-            out = paths.FINETUNED
         save(model, out, model_info(p, classes, ds["positive"]))
         timing = {k: round(summary.pop(k), 2) for k in list(summary) if "seconds" in k}
         logger.summary["epochs_run"] = summary.pop("epochs_run")

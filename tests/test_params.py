@@ -68,7 +68,7 @@ def test_round_trip_copy_is_valid(tmp_path, base):
     ("finetune.unfreeze_from", 30, "finetune.unfreeze_from"),
     ("finetune.unfreeze_from", "", "finetune.unfreeze_from"),
     ("finetune.views", -1, "finetune.views"),
-    ("finetune.warmup_epochs", 12, "finetune.warmup_epochs"),
+    ("finetune.warmup_epochs", 30, "finetune.warmup_epochs"),  # must be below finetune.epochs (30)
     ("finetune.label_smoothing", 1.0, "finetune.label_smoothing"),
     ("finetune.monitor", "val_loss", "finetune.monitor"),
     ("finetune.monitor_specificity", 0, "finetune.monitor_specificity"),

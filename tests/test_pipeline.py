@@ -207,3 +207,38 @@ def test_changes_to_the_local_copy_rerun_download(tmp_path):
     (other / "covid-radiography/COVID-19_Radiography_Dataset/Normal/images/Normal-1.png").unlink()
     assert ran_stages(dvc(repo, "repro", "download", extra_env={"CXR_DATA_DIR": str(other)}).stdout) == ["download"]
     assert json.loads((repo / "metrics/download.json").read_text())["files"] == 17
+
+
+def test_killed_training_leaves_the_previous_metrics_whole(demo_copy):
+    """dvclive writes into a temporary folder that replaces metrics/train/ only on success: SIGKILL mid-run
+    leaves the last complete summary in place (never a half-written one for `dvc metrics show`)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import env
+
+    before = (demo_copy / "metrics/train/metrics.json").read_bytes()
+    set_params(demo_copy / "params.yaml", {"train.epochs": 5000, "train.patience": 5000})
+    e = env()
+    e["PYTHONPATH"] = str(demo_copy)
+    proc = subprocess.Popen([sys.executable, "stages/train.py"], cwd=demo_copy, env=e,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((demo_copy / "metrics").glob(".train.*/metrics.json")):  # dvclive has logged an epoch
+            assert proc.poll() is None, "train stopped before logging an epoch"
+            assert time.monotonic() < deadline, "no epoch logged in 300 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert (demo_copy / "metrics/train/metrics.json").read_bytes() == before
+    # the next run deletes what the killed one left beside its outputs, and completes
+    assert list((demo_copy / "metrics").glob(".train.*"))
+    set_params(demo_copy / "params.yaml", {"train.epochs": 2, "train.patience": 2})
+    subprocess.run([sys.executable, "stages/train.py"], cwd=demo_copy, env=e, check=True, capture_output=True)
+    assert not list((demo_copy / "metrics").glob(".train.*"))
+    assert json.loads((demo_copy / "metrics/train/metrics.json").read_text())["epochs_run"] == 2
