@@ -61,9 +61,10 @@ def env() -> dict:
 
 
 def run(cwd: Path, *args: str, check: bool = True, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a command (e.g. `dvc repro`) in cwd, importing that repository's own `cxr`; on failure show its output."""
+    """Run a command (e.g. `dvc repro`) in cwd; on failure show its output. No PYTHONPATH: stages import the
+    repository's own `cxr` because dvc.yaml runs them as `python -m stages.<name>` from its root."""
     e = env()
-    e["PYTHONPATH"] = str(cwd)
+    e.pop("PYTHONPATH", None)
     e.update(extra_env or {})
     proc = subprocess.run(list(args), cwd=cwd, env=e, capture_output=True, text=True)
     if check and proc.returncode != 0:

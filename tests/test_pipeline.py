@@ -57,6 +57,14 @@ def test_noop_repro(demo_repo):
     assert status.split() == ["source:", "always", "changed"], status
 
 
+def test_editing_an_inactive_dataset_reruns_nothing(demo_copy):
+    # stages track `datasets.${dataset}`: only the active (demo) entry counts
+    set_params(demo_copy / "params.yaml", {"datasets.covid-chestxray.views": ["PA"]})
+    assert dvc(demo_copy, "status").stdout.split() == ["source:", "always", "changed"]
+    set_params(demo_copy / "params.yaml", {"datasets.demo.seed": 1})
+    assert "datasets.demo" in dvc(demo_copy, "status").stdout
+
+
 def test_split_param_reruns_only_split(demo_copy):
     set_params(demo_copy / "params.yaml", {"split.seed": 7})
     proc = dvc(demo_copy, "repro", "split")
@@ -223,8 +231,8 @@ def test_killed_training_leaves_the_previous_metrics_whole(demo_copy):
     before = (demo_copy / "metrics/train/metrics.json").read_bytes()
     set_params(demo_copy / "params.yaml", {"train.epochs": 5000, "train.patience": 5000})
     e = env()
-    e["PYTHONPATH"] = str(demo_copy)
-    proc = subprocess.Popen([sys.executable, "stages/train.py"], cwd=demo_copy, env=e,
+    e.pop("PYTHONPATH", None)
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=demo_copy, env=e,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
@@ -239,6 +247,6 @@ def test_killed_training_leaves_the_previous_metrics_whole(demo_copy):
     # the next run deletes what the killed one left beside its outputs, and completes
     assert list((demo_copy / "metrics").glob(".train.*"))
     set_params(demo_copy / "params.yaml", {"train.epochs": 2, "train.patience": 2})
-    subprocess.run([sys.executable, "stages/train.py"], cwd=demo_copy, env=e, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "stages.train"], cwd=demo_copy, env=e, check=True, capture_output=True)
     assert not list((demo_copy / "metrics").glob(".train.*"))
     assert json.loads((demo_copy / "metrics/train/metrics.json").read_text())["epochs_run"] == 2

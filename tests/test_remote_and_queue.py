@@ -58,3 +58,24 @@ def test_queued_experiments_run_in_parallel_workers(demo_copy):
         thresholds[target] = metrics["triage"]["threshold"]
     assert set(thresholds) == {0.8, 0.99}, exps
     assert thresholds[0.8] != thresholds[0.99]
+
+
+@pytest.mark.slow
+def test_queued_experiment_runs_its_own_library_code(demo_copy):
+    """A queued experiment runs in a temporary workspace under .dvc/tmp/exps/: its stages must import that
+    workspace's cxr/ (with the experiment's change), not the checkout the virtualenv was installed from."""
+    path = demo_copy / "cxr/evaluation.py"
+    source = path.read_text()
+    marker = '    return out, threshold\n'
+    assert marker in source
+    path.write_text(source.replace(marker, '    out["code_marker"] = 7\n' + marker, 1))
+    dvc(demo_copy, "exp", "run", "--queue", "-n", "marked")
+    path.write_text(source)  # the workspace goes back; the queued snapshot keeps the change
+    dvc(demo_copy, "queue", "start", "-j", "1")
+    status = _wait_for_queue(demo_copy)
+    assert "Failed" not in status, status
+    rows = json.loads(dvc(demo_copy, "exp", "show", "--json").stdout)
+    exps = [e for row in rows for e in (row.get("experiments") or [])]
+    assert len(exps) == 1, exps
+    metrics = exps[0]["revs"][0]["data"]["metrics"]["metrics/evaluate/finetuned.json"]["data"]
+    assert metrics.get("code_marker") == 7, metrics

@@ -44,9 +44,18 @@ def transitive_imports(script: Path) -> set[str]:
     return {p.relative_to(ROOT).as_posix() for p in seen}
 
 
-def test_package_init_is_empty():
-    # importing any cxr module runs cxr/__init__.py; it is left out of the deps because it holds nothing
-    assert (ROOT / "cxr/__init__.py").read_text().strip() == ""
+def test_package_inits_are_empty():
+    # importing any cxr module (or running `python -m stages.x`) runs these; they are left out of the deps
+    # because they hold nothing
+    for init in ("cxr/__init__.py", "stages/__init__.py"):
+        assert (ROOT / init).read_text().strip() == "", init
+
+
+def test_stages_run_as_modules_of_the_checkout():
+    # `python stages/x.py` would put stages/ first on sys.path and import whichever cxr the virtualenv
+    # was installed from; `python -m stages.x` run from the checkout's root imports the checkout's own
+    for name, stage in STAGES.items():
+        assert stage["cmd"] == f"python -m stages.{name}", name
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
