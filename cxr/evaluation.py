@@ -35,13 +35,13 @@ def choose_threshold(y_pos: np.ndarray, score: np.ndarray, by: str, target: floa
     return metrics.threshold_for_specificity(np.asarray(score)[~np.asarray(y_pos, bool)], target)
 
 
-def fixed_rates(labels: np.ndarray, proba: np.ndarray, pos: int, cfg: dict, ci: bool) -> dict:
+def fixed_rates(labels: np.ndarray, proba: np.ndarray, pos: int, cfg: dict) -> dict:
     """Sensitivity of the positive class at each `evaluate.sensitivity_at_specificity` and specificity at each
-    `evaluate.specificity_at_sensitivity`, read off this split's ROC curve; with `ci`, bootstrap intervals."""
+    `evaluate.specificity_at_sensitivity`, read off this split's ROC curve, with bootstrap intervals."""
     stats = metrics.fixed_rate_statistics(pos, cfg["sensitivity_at_specificity"], cfg["specificity_at_sensitivity"])
     out = {name: metrics._clean(stat(labels, proba)) for name, stat in stats.items()}
     boot = cfg["bootstrap"]
-    if ci and boot["resamples"] and len(labels):
+    if boot["resamples"] and len(labels):
         out["ci"] = metrics.bootstrap_ci(labels, proba, stats, resamples=boot["resamples"], seed=boot["seed"], level=boot["level"])
     return out
 
@@ -74,8 +74,8 @@ def evaluate(proba: dict[str, np.ndarray], labels: dict[str, np.ndarray], classe
                 "macro": {"roc_auc": val["macro"]["roc_auc"]}, "n": val["n"]},
         # The positive class under a dataset-independent key, so experiments on either dataset line up.
         "positive": {"class": positive,
-                     "val": fixed_rates(labels["val"], proba["val"], pos, cfg, ci=True),
-                     "test": fixed_rates(labels["test"], proba["test"], pos, cfg, ci=True)},
+                     "val": fixed_rates(labels["val"], proba["val"], pos, cfg),
+                     "test": fixed_rates(labels["test"], proba["test"], pos, cfg)},
         "triage": {
             "class": positive,
             "by": op["by"],

@@ -23,13 +23,6 @@ def target_layer(model, min_side: int = 7):
     return net, (wide or maps)[-1].name
 
 
-def _split(model):
-    """Outer layers before and after the backbone."""
-    names = [layer.name for layer in model.layers]
-    i = names.index("backbone")
-    return model.layers[1:i], model.layers[i + 1 :]
-
-
 def heatmaps(model, images: np.ndarray, class_index: np.ndarray | None = None, batch_size: int = 32,
              min_side: int = 7) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM maps (N, S, S) in [0, 1] for uint8 images (N, S, S), for the given classes (default: the
@@ -37,9 +30,11 @@ def heatmaps(model, images: np.ndarray, class_index: np.ndarray | None = None, b
     import keras
     import tensorflow as tf
 
+    from . import models
+
     net, layer_name = target_layer(model, min_side)
     inner = keras.Model(net.inputs, [net.get_layer(layer_name).output, net.output])
-    before, after = _split(model)
+    before, after = models.outer_layers(model)
     size = images.shape[1:3]
     maps, probs = [], []
     for start in range(0, len(images), batch_size):

@@ -119,10 +119,17 @@ def get_backbone(model: keras.Model) -> keras.Model:
     return model.get_layer("backbone")
 
 
-def before_backbone(model: keras.Model):
-    """The outer layers between the raw-pixel input and the backbone (channel copy, preprocessing), as one callable."""
+def outer_layers(model: keras.Model) -> tuple[list, list]:
+    """The model's own layers before the backbone (channel copy, preprocessing) and after it (pool, dropout,
+    predictions), in order."""
     names = [layer.name for layer in model.layers]
-    layers = model.layers[1 : names.index("backbone")]
+    i = names.index("backbone")
+    return model.layers[1:i], model.layers[i + 1 :]
+
+
+def before_backbone(model: keras.Model):
+    """The outer layers between the raw-pixel input and the backbone, as one callable."""
+    layers = outer_layers(model)[0]
 
     def run(x):
         for layer in layers:

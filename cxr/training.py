@@ -58,7 +58,6 @@ def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> dict[int, fl
 
 # The baseline selects on validation loss; its summary also shows sensitivity at this specificity.
 BASELINE_SPECIFICITY = 0.95
-MONITORS = ("macro_roc_auc", "sensitivity_at_specificity", "balanced_accuracy", "loss")
 
 
 class Selector:
@@ -116,9 +115,9 @@ class Selector:
                 **rounded(self.history[self.best_epoch]), "start": rounded(self.history[0])}
 
 
-def _sample_weights(labels: np.ndarray, n_classes: int, mode: str) -> np.ndarray:
-    w = class_weights(labels, n_classes, mode)
-    return np.ones(len(labels), np.float32) if w is None else np.array([w[int(c)] for c in labels], np.float32)
+def _sample_weights(labels: np.ndarray, weights: dict[int, float] | None) -> np.ndarray:
+    """Per-sample weights from class_weights() (all 1 without them)."""
+    return np.ones(len(labels), np.float32) if weights is None else np.array([weights[int(c)] for c in labels], np.float32)
 
 
 def _logistic_reference(train_x, train_y, val_x, val_y, positive: int, specificity: float, class_weight=None) -> dict:
@@ -259,6 +258,7 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
     k = len(classes)
     aug = data.augmenter(p["train"]["augment"], cfg["seed"])
     onehot = np.eye(k, dtype=np.float32)[tr.labels]
+    weights = class_weights(tr.labels, k, p["train"]["class_weight"])
     with strategy.scope():
         model = models.load(base_model_path)
         n = models.unfreeze_from(model, cfg["unfreeze_from"], freeze_batchnorm=p["model"]["weights"] != "none")
@@ -272,14 +272,14 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
             inp = keras.Input(top.input.shape[1:], name="boundary")
             out = model.get_layer("predictions")(model.get_layer("dropout")(model.get_layer("pool")(top(inp))))
             trained = keras.Model(inp, out, name="finetune_top")
-        fit_data = {"x": _view_batches(train_views, onehot, _sample_weights(tr.labels, k, p["train"]["class_weight"]), bs, cfg["seed"])}
+        fit_data = {"x": _view_batches(train_views, onehot, _sample_weights(tr.labels, weights), bs, cfg["seed"])}
         log.info("cached %d views of %d training images and %d validation images, %s each, in %.1fs",
                  cfg["views"] + 1, len(tr), len(va), tuple(top.input.shape[1:]), time.perf_counter() - t0)
     else:
         trained = model
         val_x = va.images[..., None].astype(np.float32)
         fit_data = {"x": data.dataset(tr.images, onehot, bs, shuffle=True, seed=cfg["seed"], augment=aug),
-                    "class_weight": class_weights(tr.labels, k, p["train"]["class_weight"])}
+                    "class_weight": weights}
     cache_s = time.perf_counter() - t0
     steps_per_epoch = int(np.ceil(len(tr) / bs))
     total = cfg["epochs"] * steps_per_epoch
@@ -290,8 +290,7 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
                     loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg["label_smoothing"]),
                     jit_compile=runtime["xla"])
     selector = Selector(lambda: trained.predict(val_x, batch_size=bs, verbose=0), va.labels, positive,
-                        cfg["monitor"], cfg["monitor_specificity"], cfg["patience"],
-                        class_weight=class_weights(tr.labels, k, p["train"]["class_weight"]))
+                        cfg["monitor"], cfg["monitor_specificity"], cfg["patience"], class_weight=weights)
     t1 = time.perf_counter()
     trained.fit(**fit_data, epochs=cfg["epochs"], callbacks=[selector.callback(trained), DVCLiveCallback(live=logger)], verbose=0)
     seconds = time.perf_counter() - t1
