@@ -200,6 +200,7 @@ def _validate(p: dict) -> None:
     if not isinstance(start, str) or not start.strip():
         _fail("finetune.unfreeze_from", "a backbone block or layer name (e.g. block_13) or all", start)
     _int(p, "finetune.views", 0, 32)
+    _int(p, "finetune.members", 1, 16)
     epochs = _int(p, "finetune.epochs", 1)
     _int(p, "finetune.warmup_epochs", 0, epochs - 1)
     _float(p, "finetune.weight_decay", 0, 1)

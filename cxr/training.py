@@ -209,6 +209,31 @@ def _view_batches(views: list[np.ndarray], onehot: np.ndarray, weights: np.ndarr
     return ViewBatches()
 
 
+def _greedy_soup(model, runs: list, predict_val) -> dict:
+    """Greedy model soup (Wortsman et al. 2022) of fine-tuning runs that share a start: members in order of their
+    validation score; each is averaged into the soup (uniform weights) when that does not lower the soup's
+    validation score (the Selector's key: monitor, then loss). Leaves the soup's weights in `model` and returns the
+    first member's summary with the soup's validation scores and a `members` record."""
+    order = sorted(range(len(runs)), key=lambda i: runs[i][2].key(runs[i][2].history[runs[i][0]["best_epoch"]]), reverse=True)
+    judge = runs[0][2]
+    soup, best_key, best_scores = [order[0]], None, None
+    for i in order:
+        trial = soup if i == order[0] else soup + [i]
+        model.set_weights([np.mean([runs[j][1][k] for j in trial], axis=0) for k in range(len(runs[0][1]))])
+        s = metrics.selection_scores(judge.y, predict_val(), judge.positive, judge.specificity, judge.class_weight)
+        if best_key is None or judge.key(s) >= best_key:
+            soup, best_key, best_scores = trial, judge.key(s), s
+    model.set_weights([np.mean([runs[j][1][k] for j in soup], axis=0) for k in range(len(runs[0][1]))])
+    log.info("greedy soup of members %s (of %d): validation %s %.4f", sorted(soup), len(runs), judge.monitor, best_scores[judge.monitor])
+    summary = dict(runs[0][0])
+    summary.update({f"val_{k}": round(v, 6) for k, v in best_scores.items()})
+    summary["epochs_run"] = sum(r[0]["epochs_run"] for r in runs)
+    summary["soup"] = {"members": len(soup), "of": len(runs)}
+    summary["members"] = {str(i): {"epoch": r[0]["best_epoch"], f"val_{judge.monitor}": r[0][f"val_{judge.monitor}"],
+                                   "in_soup": int(i in soup)} for i, r in enumerate(runs)}
+    return summary
+
+
 def cache_views(model, lower, images: np.ndarray, views: int, augment, batch_size: int) -> list[np.ndarray]:
     """The frozen part of `model` run once per view: [un-augmented, augmented 1..views], each float16 (N, ...)
     activations at the input of `lower`'s output boundary."""
@@ -246,6 +271,8 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
     `finetune.views` > 0 the frozen lower backbone runs once per view (the un-augmented image and `views`
     augmented ones) and each epoch trains only the top blocks on the cached activations. The checkpoint is
     chosen on validation `finetune.monitor`; the baseline (epoch 0) is kept when no epoch beats it. With
+    `finetune.members` > 1, that many runs (seeds seed, seed+1, ...) share the cache and the start, and their
+    chosen weights are averaged into one model by a greedy soup on validation (see _greedy_soup). With
     `finetune.temperature_scaling`, the softmax is then calibrated on validation."""
     import keras
     from dvclive.keras import DVCLiveCallback
@@ -272,30 +299,43 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
             inp = keras.Input(top.input.shape[1:], name="boundary")
             out = model.get_layer("predictions")(model.get_layer("dropout")(model.get_layer("pool")(top(inp))))
             trained = keras.Model(inp, out, name="finetune_top")
-        fit_data = {"x": _view_batches(train_views, onehot, _sample_weights(tr.labels, weights), bs, cfg["seed"])}
         log.info("cached %d views of %d training images and %d validation images, %s each, in %.1fs",
                  cfg["views"] + 1, len(tr), len(va), tuple(top.input.shape[1:]), time.perf_counter() - t0)
     else:
         trained = model
         val_x = va.images[..., None].astype(np.float32)
-        fit_data = {"x": data.dataset(tr.images, onehot, bs, shuffle=True, seed=cfg["seed"], augment=aug),
-                    "class_weight": weights}
     cache_s = time.perf_counter() - t0
     steps_per_epoch = int(np.ceil(len(tr) / bs))
     total = cfg["epochs"] * steps_per_epoch
     warmup = min(cfg["warmup_epochs"] * steps_per_epoch, total - 1)
-    schedule = keras.optimizers.schedules.CosineDecay(0.0, decay_steps=max(1, total - warmup),
-                                                      warmup_target=cfg["learning_rate"], warmup_steps=warmup)
-    trained.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg["weight_decay"]),
-                    loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg["label_smoothing"]),
-                    jit_compile=runtime["xla"])
-    selector = Selector(lambda: trained.predict(val_x, batch_size=bs, verbose=0), va.labels, positive,
-                        cfg["monitor"], cfg["monitor_specificity"], cfg["patience"], class_weight=weights)
-    t1 = time.perf_counter()
-    trained.fit(**fit_data, epochs=cfg["epochs"], callbacks=[selector.callback(trained), DVCLiveCallback(live=logger)], verbose=0)
+    start = trained.get_weights()
+    runs, t1 = [], time.perf_counter()
+    for member in range(cfg["members"]):
+        seed = cfg["seed"] + member
+        if member:
+            set_determinism(seed, ops=not runtime["xla"])
+            trained.set_weights(start)
+        if cfg["views"]:
+            fit_data = {"x": _view_batches(train_views, onehot, _sample_weights(tr.labels, weights), bs, seed)}
+        else:
+            fit_data = {"x": data.dataset(tr.images, onehot, bs, shuffle=True, seed=seed, augment=aug), "class_weight": weights}
+        schedule = keras.optimizers.schedules.CosineDecay(0.0, decay_steps=max(1, total - warmup),
+                                                          warmup_target=cfg["learning_rate"], warmup_steps=warmup)
+        trained.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg["weight_decay"]),
+                        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg["label_smoothing"]),
+                        jit_compile=runtime["xla"])
+        selector = Selector(lambda: trained.predict(val_x, batch_size=bs, verbose=0), va.labels, positive,
+                            cfg["monitor"], cfg["monitor_specificity"], cfg["patience"], class_weight=weights)
+        callbacks = [selector.callback(trained)] + ([DVCLiveCallback(live=logger)] if member == 0 else [])
+        trained.fit(**fit_data, epochs=cfg["epochs"], callbacks=callbacks, verbose=0)
+        runs.append((selector.restore(trained), trained.get_weights(), selector))
+        if cfg["members"] > 1:
+            log.info("member %d (seed %d): epoch %d of %d, validation %s %.4f", member, seed, runs[-1][0]["best_epoch"],
+                     runs[-1][0]["epochs_run"], cfg["monitor"], runs[-1][0][f"val_{cfg['monitor']}"])
     seconds = time.perf_counter() - t1
-    summary = selector.restore(trained)
-    summary.update(trainable_layers=n, cache_seconds=cache_s, seconds_per_epoch=seconds / max(1, summary["epochs_run"]))
+    summary = runs[0][0] if len(runs) == 1 else _greedy_soup(trained, runs, lambda: trained.predict(val_x, batch_size=bs, verbose=0))
+    epochs = sum(r[0]["epochs_run"] for r in runs)
+    summary.update(trainable_layers=n, cache_seconds=cache_s, seconds_per_epoch=seconds / max(1, epochs))
     if cfg["temperature_scaling"]:
         proba = trained.predict(val_x, batch_size=bs, verbose=0).astype(np.float64)
         t = fit_temperature(proba, va.labels)

@@ -26,6 +26,7 @@ DEMO = {
     "train.patience": 4,
     "finetune.unfreeze_from": "all",
     "finetune.views": 0,
+    "finetune.members": 1,
     "finetune.epochs": 15,
     "finetune.batch_size": 16,
     "finetune.learning_rate": 0.003,

@@ -30,7 +30,8 @@ def _params(**over):
     p["clean"]["image_size"] = 32
     p["model"].update(weights="none", alpha=0.35)
     p["train"].update(epochs=2, batch_size=8, patience=2)
-    p["finetune"].update(epochs=2, batch_size=8, patience=2, unfreeze_from="all", views=0, learning_rate=0.003, warmup_epochs=0)
+    p["finetune"].update(epochs=2, batch_size=8, patience=2, unfreeze_from="all", views=0, learning_rate=0.003, warmup_epochs=0,
+                         members=1)
     for key, value in over.items():
         section, leaf = key.split(".")
         p[section][leaf] = value
@@ -139,6 +140,43 @@ def test_finetune_on_cached_views_trains_the_top_blocks_of_the_full_model(tmp_pa
         assert not np.array_equal(before.get_layer("block_15_expand").get_weights()[0], after.get_layer("block_15_expand").get_weights()[0])
     # deterministic: the same params and data give the same weights
     for a, b in zip(runs[0][1].get_weights(), runs[1][1].get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_greedy_soup_averages_the_members_that_help_and_leaves_out_a_bad_one():
+    m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(90, 4)).astype("float32")
+    y = np.arange(90) % 3
+    good = np.zeros((4, 3), "float32")
+    good[np.arange(3), np.arange(3)] = 3.0
+    x[np.arange(90), y] += 2.0  # feature c points at class c
+    members = [[good + rng.normal(0, 0.3, good.shape).astype("float32"), np.zeros(3, "float32")] for _ in range(2)]
+    members.append([-good, np.zeros(3, "float32")])  # a member that learned the opposite
+    runs = []
+    for w in members:
+        m.set_weights(w)
+        sel = training.Selector(lambda: m.predict(x, verbose=0), y, 0, "macro_roc_auc", 0.95, 5)
+        sel.score(0, m)
+        runs.append((sel.restore(m), [a.copy() for a in w], sel))
+    summary = training._greedy_soup(m, runs, lambda: m.predict(x, verbose=0))
+    assert summary["soup"] == {"members": 2, "of": 3}
+    assert [summary["members"][str(i)]["in_soup"] for i in range(3)] == [1, 1, 0]
+    np.testing.assert_allclose(m.get_weights()[0], (members[0][0] + members[1][0]) / 2, atol=1e-6)
+    assert summary["val_macro_roc_auc"] >= max(r[0]["val_macro_roc_auc"] for r in runs) - 1e-9
+
+
+def test_finetune_members_share_the_cache_and_are_deterministic(tmp_path):
+    s = _splits()
+    p = _params(**{"finetune.unfreeze_from": "block_15", "finetune.views": 1, "finetune.members": 2})
+    model, _ = training.baseline(p, CLASSES, s, _live(tmp_path / "a"))
+    path = tmp_path / "baseline.keras"
+    training.save(model, path, training.model_info(p, CLASSES, "COVID"))
+    runs = [training.finetune(p, CLASSES, s, path, _live(tmp_path / f"b{i}")) for i in range(2)]
+    summary = runs[0][1]
+    assert summary["soup"]["of"] == 2 and 1 <= summary["soup"]["members"] <= 2
+    assert set(summary["members"]) == {"0", "1"} and summary["epochs_run"] == 2 * 2  # epochs: 2 per member
+    for a, b in zip(runs[0][0].get_weights(), runs[1][0].get_weights()):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
