@@ -1,4 +1,4 @@
-"""The download stage's logic: a local copy (folder or archive) when CXR_DATA_DIR has one, else Kaggle.
+"""Getting a dataset into data/raw: a local copy (folder or archive) under CXR_DATA_DIR, else Kaggle, or generated.
 
 Network access happens here and nowhere else in the project.
 """

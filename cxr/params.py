@@ -1,4 +1,7 @@
-"""params.yaml: load and validate up front, so a bad value fails before any work with one clear line."""
+"""params.yaml: loading and validating every key up front, so a bad value fails before any work with one clear line.
+
+Each `datasets.<name>` block beyond classes and positive is checked by its source's adapter (cxr.sources).
+"""
 from __future__ import annotations
 
 import difflib
