@@ -1,5 +1,7 @@
-"""Atomic outputs: everything is written to a temporary sibling and renamed into place,
-so an interrupted stage never leaves a half-written file or folder behind."""
+"""Atomic outputs: every file and folder is written to a temporary sibling and renamed into place.
+
+An interrupted stage never leaves a half-written file or folder behind.
+"""
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,4 @@
-"""Offline synthetic chest-radiograph dataset (COVID / Normal / Viral Pneumonia).
+"""The `demo` dataset's generator: synthetic chest radiographs (COVID / Normal / Viral Pneumonia) with lesion masks.
 
 Images are schematic PA radiographs in radiological convention: the patient's
 left is on the image's right, so the heart bulges into the image-right lung,

@@ -1,4 +1,4 @@
-"""The download stage's logic: a local copy (folder or archive) when CXR_DATA_DIR has one, else Kaggle.
+"""Getting a dataset into data/raw: a local copy (folder or archive) under CXR_DATA_DIR, else Kaggle, or generated.
 
 Network access happens here and nowhere else in the project.
 """
@@ -17,6 +17,7 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
+from . import sources
 from .atomic import atomic_dir
 from .errors import UserError
 from .sources import Drop
@@ -247,7 +248,7 @@ def origin(name: str, ds: dict) -> dict:
     """Where `download` takes dataset `name` from, as the `source` stage records it: generated (demo), a Kaggle
     handle, or a local copy under CXR_DATA_DIR with its resolved path and stat fingerprint. DVC cannot see an
     environment variable or files outside the project; this record is what it can see."""
-    if name == "demo":
+    if sources.get(name).generated:
         return {"dataset": name, "origin": "generated"}
     local = find_local(name, os.environ.get(ENV))
     if local is None:
@@ -269,12 +270,10 @@ def fetch(name: str, ds: dict, dest: Path, limits: dict | None = None) -> dict:
     limits = limits or {}
     max_bytes = limits.get("max_bytes", DEFAULT_MAX_BYTES)
     max_ratio = limits.get("max_ratio", DEFAULT_MAX_RATIO)
-    if name == "demo":
-        from . import demo
-
+    source = sources.get(name)
+    if source.generated:
         with atomic_dir(dest) as tmp:
-            demo.generate(tmp, per_class=ds["per_class"], size=ds["size"], seed=ds["seed"], bad_files=ds["bad_files"])
-            record = {"source": "generated", "version": f"seed {ds['seed']}"}
+            record = {"source": "generated", "version": source.generate(tmp, ds)}
             record.update(fingerprint(tmp))
             record.update(summarize_drops([]), drops=[])
         return record

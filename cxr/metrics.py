@@ -1,4 +1,4 @@
-"""Classification metrics for the CXR pipeline.
+"""Classification metrics: per-class reports, operating points, calibration, selection scores and bootstrap CIs.
 
 Every public function takes numpy arrays and returns JSON-ready values:
 plain Python ints/floats, and ``None`` (never NaN/inf) where a metric is undefined.

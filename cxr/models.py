@@ -1,4 +1,4 @@
-"""Models: a keras.applications backbone with its preprocessing inside, raw 0-255 grayscale in.
+"""The classifier: a keras.applications backbone with its preprocessing inside, raw 0-255 grayscale in.
 
     image (S, S, 1) raw 0..255
       -> gray_to_rgb  (fixed 1x1 conv, copies the channel three times)

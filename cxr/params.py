@@ -1,10 +1,12 @@
-"""params.yaml: load and validate up front, so a bad value fails before any work with one clear line."""
+"""params.yaml: loading and validating every key up front, so a bad value fails before any work with one clear line.
+
+Each `datasets.<name>` block beyond classes and positive is checked by its source's adapter (cxr.sources).
+"""
 from __future__ import annotations
 
 import difflib
 import math
 import numbers
-import re
 from pathlib import Path
 
 import yaml
@@ -12,7 +14,6 @@ import yaml
 from . import paths
 from .errors import UserError
 
-DATASETS = ("covid-radiography", "covid-chestxray", "demo")
 ARCHS = ("mobilenetv2", "efficientnetb0", "resnet50", "densenet121")
 # Width multipliers for which ImageNet MobileNetV2 weights are published.
 MOBILENETV2_IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
@@ -57,21 +58,6 @@ def _check_unknown_keys(tree: dict, read: set[tuple[str, ...]]) -> None:
     walk(tree, ())
 
 
-def _check_classes(p: dict) -> None:
-    """Class names the data can never provide fail here, before download runs."""
-    def loose(name: str) -> str:  # as cxr.sources compares class folders: 'Viral Pneumonia' == 'VIRAL_PNEUMONIA'
-        key = re.sub(r"[^a-z0-9]", "", name.lower())
-        return "covid" if key == "covid19" else key
-
-    # As cxr.sources.RADIOGRAPHY_CLASSES and cxr.demo.CLASSES (not imported: every stage depends on this file).
-    # Radiography class folders compare loosely; demo labels exactly, as the two adapters do.
-    for name, known, same in (("covid-radiography", ("COVID", "Normal", "Viral Pneumonia", "Lung_Opacity"), loose),
-                              ("demo", ("COVID", "Normal", "Viral Pneumonia"), str)):
-        for c in _get(p, f"datasets.{name}.classes"):
-            if same(c) not in {same(k) for k in known}:
-                _fail(f"datasets.{name}.classes", f"names from {', '.join(known)}", c)
-
-
 def _int(tree, key, lo=None, hi=None) -> int:
     v = _get(tree, key)
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or (lo is not None and v < lo) or (hi is not None and v > hi):
@@ -113,39 +99,49 @@ def _str_list(tree, key, min_len=1) -> list[str]:
     return list(v)
 
 
-def validate(p: dict) -> dict:
-    """Check every section; return the same dict. Raises UserError on the first bad value or unknown key."""
+def validate(p: dict, sources: dict | None = None) -> dict:
+    """Check every section; return the same dict. Raises UserError on the first bad value or unknown key.
+
+    `sources`: the dataset registry (cxr.sources.SOURCES). With it, `dataset` must name a registered source and
+    each `datasets.<name>` block is checked in full by its adapter; without it (stages that never touch a source),
+    only what every block has (classes, positive) is checked and the rest of each block is left to its source."""
     global _READ
     if not isinstance(p, dict):
         raise UserError("params.yaml: expected a mapping of sections")
     _READ = set()
     try:
-        _validate(p)
+        _validate(p, sources)
         _check_unknown_keys(p, _READ)
     finally:
         _READ = None
     return p
 
 
-def _validate(p: dict) -> None:
-    ds = _choice(p, "dataset", DATASETS)
-    for name in DATASETS:
-        _str_list(p, f"datasets.{name}.classes", min_len=2)
-        pos = _get(p, f"datasets.{name}.positive")
-        if pos not in _get(p, f"datasets.{name}.classes"):
-            _fail(f"datasets.{name}.positive", "one of that dataset's classes", pos)
-    _str_list(p, "datasets.covid-chestxray.views")
-    for name in ("covid-radiography", "covid-chestxray"):
-        handle = _get(p, f"datasets.{name}.kaggle")
-        if not isinstance(handle, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", handle):
-            _fail(f"datasets.{name}.kaggle", "a Kaggle dataset handle owner/name", handle)
-    _check_classes(p)
-    if _get(p, "datasets.covid-chestxray.classes").__len__() != 2:
-        _fail("datasets.covid-chestxray.classes", "two names (COVID, non-COVID)", _get(p, "datasets.covid-chestxray.classes"))
-    _int(p, "datasets.demo.per_class", 4)
-    _int(p, "datasets.demo.size", 32, 2048)
-    _int(p, "datasets.demo.seed", 0)
-    _bool(p, "datasets.demo.bad_files")
+def _check_datasets(p: dict, sources: dict | None) -> str:
+    """The `datasets` blocks and the active `dataset`; returns its name."""
+    # Read without _get, which would mark every block read whole: each block's keys are read one by one.
+    blocks = p.get("datasets")
+    if not isinstance(blocks, dict) or not blocks:
+        _fail("datasets", "a mapping of dataset name -> its settings", blocks)
+    ds = _choice(p, "dataset", sorted(blocks if sources is None else sources))
+    if ds not in blocks:
+        raise UserError(f"params.yaml: missing key datasets.{ds}")
+    for name in blocks:
+        if sources is not None and name not in sources:
+            continue  # not read: the unknown-key check names it, with the registered sources
+        key = f"datasets.{name}"
+        classes = _str_list(p, f"{key}.classes", min_len=2)
+        if _get(p, f"{key}.positive") not in classes:
+            _fail(f"{key}.positive", "one of that dataset's classes", _get(p, f"{key}.positive"))
+        if sources is None:
+            _READ.add(("datasets", str(name)))  # the rest of the block is its source's: checked where it is used
+        else:
+            sources[name].check(p, key)
+    return ds
+
+
+def _validate(p: dict, sources: dict | None) -> None:
+    ds = _check_datasets(p, sources)
 
     size = _int(p, "clean.image_size", 32, 1024)
     _choice(p, "clean.resize", ("pad", "crop"))
@@ -231,8 +227,8 @@ def _validate(p: dict) -> None:
     _int(p, "gradcam.min_side", 1)
 
 
-def load(path: str | Path = paths.PARAMS) -> dict:
-    """Read and validate params.yaml."""
+def load(path: str | Path = paths.PARAMS, sources: dict | None = None) -> dict:
+    """Read and validate params.yaml (`sources`: see validate)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} not found: run from the project's root folder")
@@ -240,9 +236,13 @@ def load(path: str | Path = paths.PARAMS) -> dict:
         tree = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    return validate(tree)
+    return validate(tree, sources)
 
 
 def dataset(p: dict) -> dict:
     """The active dataset's section, with its name under 'name'."""
     return {"name": p["dataset"], **p["datasets"][p["dataset"]]}
+
+
+# For the source adapters (cxr.sources), which check the rest of their own `datasets.<name>` block.
+get, fail, integer, boolean, choice, names = _get, _fail, _int, _bool, _choice, _str_list

@@ -1,7 +1,8 @@
-"""Dataset adapters: one per source, each mapping its own layout and labels to common records.
+"""The dataset registry: one adapter per source (how it is fetched, its `datasets.<name>` params, its records).
 
 Everything after `clean` sees only `Record(file, label, group, mask)`; nothing downstream knows the source.
 Every file in the raw folder ends up either as a record or as a `Drop(file, reason)`, so counts add up.
+A new source is one `Source` subclass in SOURCES and one `datasets.<name>` block in params.yaml.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import params
 from .errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
@@ -302,12 +304,102 @@ def demo(raw: Path, classes: list[str]) -> tuple[list[Record], list[Drop]]:
     return records, drops
 
 
+# --- the registry -------------------------------------------------------------------------------
+
+KAGGLE_HANDLE = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+class Source:
+    """A dataset source. `generated` sources are made by `generate` (never downloaded); the others come from the
+    Kaggle handle in their block's `kaggle` key, or from a local copy under CXR_DATA_DIR (cxr.download)."""
+
+    name: str
+    generated = False
+
+    def check(self, p: dict, key: str) -> None:
+        """Validate the source's own keys of the block at `key` (classes and positive are checked already),
+        reading each with cxr.params' helpers so that any other key is reported as unknown."""
+        if not self.generated:
+            handle = params.get(p, f"{key}.kaggle")
+            if not isinstance(handle, str) or not KAGGLE_HANDLE.fullmatch(handle):
+                params.fail(f"{key}.kaggle", "a Kaggle dataset handle owner/name", handle)
+
+    def records(self, raw: Path, ds: dict) -> tuple[list[Record], list[Drop]]:
+        """Records and drops for the files in `raw` (`ds`: the source's params block)."""
+        raise NotImplementedError
+
+    def generate(self, dest: Path, ds: dict) -> str:
+        """Generated sources: write the dataset into the empty folder `dest`; return its version."""
+        raise NotImplementedError
+
+
+def _known_classes(p: dict, key: str, known, same) -> None:
+    """Class names the data can never provide fail while params are checked, before download runs."""
+    for c in params.get(p, f"{key}.classes"):
+        if same(c) not in {same(k) for k in known}:
+            params.fail(f"{key}.classes", f"names from {', '.join(known)}", c)
+
+
+class Radiography(Source):
+    name = "covid-radiography"
+
+    def check(self, p: dict, key: str) -> None:
+        super().check(p, key)
+        _known_classes(p, key, RADIOGRAPHY_CLASSES, _norm)  # class folders compare loosely, as radiography() does
+
+    def records(self, raw, ds):
+        return radiography(raw, ds["classes"])
+
+
+class ChestXray(Source):
+    name = "covid-chestxray"
+
+    def check(self, p: dict, key: str) -> None:
+        super().check(p, key)
+        params.names(p, f"{key}.views")
+        if len(params.get(p, f"{key}.classes")) != 2:
+            params.fail(f"{key}.classes", "two names (COVID, non-COVID)", params.get(p, f"{key}.classes"))
+
+    def records(self, raw, ds):
+        return chestxray(raw, ds["classes"], ds["positive"], ds["views"])
+
+
+class Demo(Source):
+    name = "demo"
+    generated = True
+
+    def check(self, p: dict, key: str) -> None:
+        from . import demo as generator
+
+        _known_classes(p, key, generator.CLASSES, str)  # labels compare exactly, as demo() does
+        params.integer(p, f"{key}.per_class", 4)
+        params.integer(p, f"{key}.size", 32, 2048)
+        params.integer(p, f"{key}.seed", 0)
+        params.boolean(p, f"{key}.bad_files")
+
+    def records(self, raw, ds):
+        return demo(raw, ds["classes"])
+
+    def generate(self, dest, ds):
+        from . import demo as generator
+
+        generator.generate(dest, per_class=ds["per_class"], size=ds["size"], seed=ds["seed"], bad_files=ds["bad_files"])
+        return f"seed {ds['seed']}"
+
+
+SOURCES: dict[str, Source] = {s.name: s for s in (Radiography(), ChestXray(), Demo())}
+
+
+def get(name: str) -> Source:
+    """The registered source called `name`; anything else is one clear error, never a fallback."""
+    if name not in SOURCES:
+        raise UserError(f"unknown dataset {name!r}: the registered sources are {', '.join(sorted(SOURCES))}")
+    return SOURCES[name]
+
+
 def load(name: str, raw: Path, ds: dict) -> tuple[list[Record], list[Drop]]:
     """Records and drops for the dataset named in params (`ds` is its params section)."""
+    source = get(name)
     if not raw.is_dir():
         raise UserError(f"{raw} not found: run `dvc repro download` first")
-    if name == "covid-radiography":
-        return radiography(raw, ds["classes"])
-    if name == "covid-chestxray":
-        return chestxray(raw, ds["classes"], ds["positive"], ds["views"])
-    return demo(raw, ds["classes"])
+    return source.records(raw, ds)

@@ -1,5 +1,4 @@
-"""The split stage's logic: stratified train/val/test, grouped so that no patient and no cluster of
-near-duplicate images ends up in two splits."""
+"""The split stage's logic: stratified train/val/test in which no patient or near-duplicate cluster spans two splits."""
 from __future__ import annotations
 
 import itertools

@@ -14,7 +14,7 @@ log = logging.getLogger("clean")
 @cli
 def main() -> None:
     t0 = time.perf_counter()
-    p = params.load()
+    p = params.load(sources=sources.SOURCES)  # each datasets.<name> block checked by its source
     atomic.remove_stale(paths.CLEAN, paths.CLEAN_DROPPED, paths.CLEAN_METRICS)  # left by a killed run
     ds = params.dataset(p)
     records, source_drops = sources.load(ds["name"], paths.RAW, ds)

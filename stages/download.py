@@ -9,7 +9,7 @@ import time
 
 import pandas as pd
 
-from cxr import atomic, params, paths
+from cxr import atomic, params, paths, sources
 from cxr.download import DROPPED_REPORT, fetch
 from cxr.errors import cli
 
@@ -19,7 +19,7 @@ log = logging.getLogger("download")
 @cli
 def main() -> None:
     t0 = time.perf_counter()
-    p = params.load()
+    p = params.load(sources=sources.SOURCES)  # each datasets.<name> block checked by its source
     atomic.remove_stale(paths.RAW, paths.DOWNLOAD_RECORD, DROPPED_REPORT)  # left by a killed run
     ds = params.dataset(p)
     record = fetch(ds["name"], ds, paths.RAW, p.get("download"))

@@ -4,7 +4,7 @@ environment variable or files outside the project); `download` depends on the re
 origin or the local copy changed."""
 import logging
 
-from cxr import atomic, params, paths
+from cxr import atomic, params, paths, sources
 from cxr.download import origin
 from cxr.errors import cli
 
@@ -13,7 +13,7 @@ log = logging.getLogger("source")
 
 @cli
 def main() -> None:
-    p = params.load()
+    p = params.load(sources=sources.SOURCES)  # each datasets.<name> block checked by its source
     ds = params.dataset(p)
     record = origin(ds["name"], ds)
     atomic.write_json(paths.SOURCE, record)

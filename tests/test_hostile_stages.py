@@ -16,7 +16,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from cxr import params
+from cxr import params, sources
 from cxr.errors import UserError
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -193,7 +193,7 @@ def base() -> dict:
 def _load(tmp_path: Path, tree: dict) -> dict:
     p = tmp_path / "params.yaml"
     p.write_text(yaml.safe_dump(tree, sort_keys=False))
-    return params.load(p)
+    return params.load(p, sources=sources.SOURCES)
 
 
 @pytest.mark.parametrize("path,typo,suggested", [

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxr import params
+from cxr import params, sources
 from cxr.errors import UserError
 
 REAL = Path(__file__).resolve().parent.parent / "params.yaml"
@@ -38,7 +38,7 @@ _DELETE = object()
 
 def test_real_params_yaml_is_valid():
     p = params.load(REAL)
-    assert p["dataset"] in params.DATASETS
+    assert p["dataset"] in sources.SOURCES
     ds = params.dataset(p)
     assert ds["name"] == p["dataset"] and ds["positive"] in ds["classes"]
 

@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import dvc, ran_stages, set_params
+from helpers import dvc, ran_stages, set_params
+
+pytestmark = pytest.mark.slow  # every test here runs the real dvc CLI
 
 STAGES = ["download", "clean", "split", "train", "finetune", "evaluate", "gradcam"]
 
@@ -160,7 +162,7 @@ def test_predict_matches_evaluate(demo_repo, tmp_path):
     """`python -m cxr predict` on the raw test-split files gives the evaluate stage's probabilities."""
     import sys
 
-    from conftest import run
+    from helpers import run
 
     expected = pd.read_csv(demo_repo / "reports/test_predictions.csv")
     files = [f"data/raw/{f}" for f in expected["file"]]
@@ -193,7 +195,7 @@ def test_changes_to_the_local_copy_rerun_download(tmp_path):
     variable elsewhere reruns download, and an unchanged copy does not."""
     import shutil
 
-    from conftest import make_repo
+    from helpers import make_repo
 
     repo = make_repo(tmp_path / "repo", {"dataset": "covid-radiography"})
     copy = _local_copy(tmp_path / "copy")
@@ -226,7 +228,7 @@ def test_killed_training_leaves_the_previous_metrics_whole(demo_copy):
     import sys
     import time
 
-    from conftest import env
+    from helpers import env
 
     before = (demo_copy / "metrics/train/metrics.json").read_bytes()
     set_params(demo_copy / "params.yaml", {"train.epochs": 5000, "train.patience": 5000})

@@ -6,7 +6,9 @@ import time
 
 import pytest
 
-from conftest import dvc, ran_stages, run, set_params
+from helpers import dvc, ran_stages, run, set_params
+
+pytestmark = pytest.mark.slow  # every test here runs the real dvc CLI
 
 
 @pytest.mark.slow

@@ -3,11 +3,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
-from cxr import sources
+from cxr import download, params, sources
 from cxr.errors import UserError
 from cxr.sources import is_covid_finding
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
 def _png(path: Path, value: int = 128) -> Path:
@@ -228,3 +231,68 @@ def test_chestxray_missing_columns_is_user_error(tmp_path):
 ])
 def test_is_covid_finding(finding, expected):
     assert is_covid_finding(finding) is expected
+
+
+# --- the registry ------------------------------------------------------------------------------
+
+class _Mini(sources.Source):
+    """A made-up generated source: two classes, `n` one-pixel images each."""
+    name = "mini"
+    generated = True
+
+    def check(self, p, key):
+        params.integer(p, f"{key}.n", 1)
+
+    def generate(self, dest, ds):
+        for label in ds["classes"]:
+            for i in range(ds["n"]):
+                _png(dest / label / f"{i}.png")
+        return "v1"
+
+    def records(self, raw, ds):
+        files = sorted(p for p in raw.rglob("*.png"))
+        return [sources.Record(f.relative_to(raw).as_posix(), f.parent.name, f.stem) for f in files], []
+
+
+def _tree(**mini):
+    tree = yaml.safe_load(PARAMS.read_text())
+    tree["dataset"] = "mini"
+    tree["datasets"]["mini"] = {"classes": ["a", "b"], "positive": "a", "n": 2, **mini}
+    return tree
+
+
+def test_registering_an_adapter_is_all_a_new_source_needs(tmp_path, monkeypatch):
+    monkeypatch.setitem(sources.SOURCES, "mini", _Mini())
+    p = params.validate(_tree(), sources.SOURCES)
+    ds = params.dataset(p)
+    with pytest.raises(UserError, match=r"datasets\.mini\.n"):   # its own params are checked by its adapter
+        params.validate(_tree(n=0), sources.SOURCES)
+    with pytest.raises(UserError, match=r"unknown key datasets\.mini\.clases \(did you mean datasets\.mini\.classes\?\)"):
+        params.validate(_tree(clases=1), sources.SOURCES)
+    assert download.origin("mini", ds) == {"dataset": "mini", "origin": "generated"}
+    record = download.fetch("mini", ds, tmp_path / "raw")
+    assert (record["source"], record["version"], record["files"]) == ("generated", "v1", 4)
+    records, drops = sources.load("mini", tmp_path / "raw", ds)
+    assert Counter(r.label for r in records) == {"a": 2, "b": 2} and drops == []
+    with pytest.raises(UserError, match="mini"):                  # listed among the registered sources
+        sources.get("nope")
+
+
+def test_unknown_dataset_is_one_line_never_a_fallback(tmp_path):
+    (tmp_path / "raw").mkdir()
+    for call in (lambda: sources.load("nope", tmp_path / "raw", {"classes": ["a", "b"]}),
+                 lambda: download.origin("nope", {}),
+                 lambda: download.fetch("nope", {}, tmp_path / "dest")):
+        with pytest.raises(UserError) as info:
+            call()
+        assert str(info.value).splitlines() == [f"unknown dataset 'nope': the registered sources are {', '.join(sorted(sources.SOURCES))}"]
+    assert not (tmp_path / "dest").exists()
+    tree = yaml.safe_load(PARAMS.read_text())
+    tree["dataset"] = "nope"
+    tree["datasets"]["nope"] = {"classes": ["a", "b"], "positive": "a"}
+    with pytest.raises(UserError, match=r"^params\.yaml: dataset must be one of covid-chestxray, covid-radiography, demo, got 'nope'$"):
+        params.validate(tree, sources.SOURCES)
+    tree["dataset"] = "demo"
+    with pytest.raises(UserError, match=r"^params\.yaml: unknown key datasets\.nope \(valid keys here: covid-chestxray, covid-radiography, demo\)$"):
+        params.validate(tree, sources.SOURCES)
+    params.validate(tree)  # stages that never touch a source accept any block with classes and positive

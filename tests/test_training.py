@@ -66,6 +66,7 @@ def test_baseline_is_deterministic(tmp_path):
     np.testing.assert_allclose(runs[0][1], runs[1][1], atol=1e-6)
 
 
+@pytest.mark.slow  # trains for tens of seconds
 def test_baseline_without_feature_cache_and_with_mixed_precision_and_xla(tmp_path):
     p = _params(**{"train.feature_cache": False})
     p["runtime"].update(mixed_precision=True, xla=True)
@@ -76,6 +77,7 @@ def test_baseline_without_feature_cache_and_with_mixed_precision_and_xla(tmp_pat
     assert model.get_layer("backbone").layers[1].compute_dtype == "float16"
 
 
+@pytest.mark.slow  # trains for tens of seconds
 def test_finetune_keeps_start_when_no_epoch_improves(tmp_path):
     s = _splits()
     p = _params()
@@ -121,6 +123,7 @@ def test_split_backbone_composes_to_the_backbone():
     assert top.layers[-1] is net.layers[-1]  # shared layers: training the top trains the model
 
 
+@pytest.mark.slow  # trains for tens of seconds
 def test_finetune_on_cached_views_trains_the_top_blocks_of_the_full_model(tmp_path):
     s = _splits()
     p = _params(**{"finetune.unfreeze_from": "block_15", "finetune.views": 2, "finetune.epochs": 3, "finetune.patience": 3})

@@ -1,0 +1,102 @@
+"""Helpers the tests share: the demo configuration, params overrides, and running git, DVC and stages in a
+repository built in a temporary folder."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+# The offline demo configuration: no pretrained weights, small images, few epochs; a 2-core CPU
+# runs the whole pipeline in a few minutes.
+DEMO = {
+    "dataset": "demo",
+    "datasets.demo.per_class": 150,
+    "datasets.demo.size": 64,
+    "clean.image_size": 64,
+    "model.weights": "none",
+    "model.alpha": 0.35,
+    "train.epochs": 5,
+    "train.batch_size": 16,
+    "train.patience": 4,
+    "finetune.unfreeze_from": "all",
+    "finetune.views": 0,
+    "finetune.members": 1,
+    "finetune.epochs": 15,
+    "finetune.batch_size": 16,
+    "finetune.learning_rate": 0.003,
+    "finetune.patience": 8,
+    "evaluate.bootstrap.resamples": 200,
+    "gradcam.per_class": 3,
+}
+
+
+def set_params(path: Path, overrides: dict) -> None:
+    """Write dotted-key overrides into a params.yaml."""
+    tree = yaml.safe_load(path.read_text())
+    for key, value in overrides.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+
+
+def env() -> dict:
+    """The test's Python first on PATH (dvc.yaml runs `python`), no outside data or credentials."""
+    e = dict(os.environ)
+    e["PATH"] = str(Path(sys.executable).parent) + os.pathsep + e.get("PATH", "")
+    e.pop("CXR_DATA_DIR", None)
+    e.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    e.setdefault("GIT_AUTHOR_NAME", "test")
+    e.setdefault("GIT_AUTHOR_EMAIL", "test@localhost")
+    e.setdefault("GIT_COMMITTER_NAME", "test")
+    e.setdefault("GIT_COMMITTER_EMAIL", "test@localhost")
+    return e
+
+
+def run(cwd: Path, *args: str, check: bool = True, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command (e.g. `dvc repro`) in cwd; on failure show its output. No PYTHONPATH: stages import the
+    repository's own `cxr` because dvc.yaml runs them as `python -m stages.<name>` from its root."""
+    e = env()
+    e.pop("PYTHONPATH", None)
+    e.update(extra_env or {})
+    proc = subprocess.run(list(args), cwd=cwd, env=e, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def dvc(cwd: Path, *args: str, check: bool = True, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    return run(cwd, sys.executable, "-m", "dvc", *args, check=check, extra_env=extra_env)
+
+
+def ran_stages(output: str, with_source: bool = False) -> list[str]:
+    """Stage names DVC actually ran, from `dvc repro`/`dvc exp run` output. `source` runs on every repro
+    (always_changed) and is left out unless `with_source`: the list is what its inputs made rerun."""
+    names = [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+    return names if with_source else [n for n in names if n != "source"]
+
+
+def make_repo(root: Path, overrides: dict) -> Path:
+    """A fresh git + DVC repository holding the project's pipeline, with params overridden."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("stages", "cxr"):
+        shutil.copytree(PROJECT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
+        if (PROJECT / name).exists():
+            shutil.copy(PROJECT / name, root / name)
+    set_params(root / "params.yaml", overrides)
+    run(root, "git", "init", "-q")
+    dvc(root, "init", "-q")
+    shutil.copytree(PROJECT / ".dvc/plots", root / ".dvc/plots")  # the project's plot templates
+    dvc(root, "config", "core.analytics", "false")
+    run(root, "git", "add", "-A")
+    run(root, "git", "commit", "-qm", "pipeline")
+    return root
