@@ -17,7 +17,7 @@ def predict_proba(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray
     """Class probabilities for uint8 (N, S, S) images, through the same tf.data path as training."""
     if len(images) == 0:
         return np.zeros((0, model.output_shape[-1]), np.float32)
-    return model.predict(data.dataset(images, None, batch_size, cache=False), verbose=0).astype(np.float64)
+    return model.predict(data.batches(images, None, batch_size, cache=False), verbose=0).astype(np.float64)
 
 
 def _decision_point(y_pos: np.ndarray, called: np.ndarray) -> dict:
