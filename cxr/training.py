@@ -1,7 +1,6 @@
 """Training: the frozen-backbone baseline (optionally on cached features) and fine-tuning."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -9,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from . import atomic, data, metrics, models, paths
+from .modelinfo import model_info, save  # the model file and its info sidecar
 
 log = logging.getLogger("training")
 
@@ -307,28 +307,6 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
         log.info("temperature scaling on validation: T=%.3f, ECE %.4f -> %.4f", t,
                  summary["temperature"]["val_ece_before"], summary["temperature"]["val_ece_after"])
     return model, summary
-
-
-def model_info(p: dict, classes: list[str], positive: str) -> dict:
-    """What prediction needs to feed a model the same pixels and read its outputs."""
-    return {"classes": classes, "positive": positive, "image_size": p["clean"]["image_size"],
-            "resize": p["clean"]["resize"], "arch": p["model"]["arch"], "dataset": p["dataset"]}
-
-
-def save(model, path: Path, info: dict) -> None:
-    """The .keras file and its `.info.json` sidecar, each written atomically."""
-    with atomic.atomic_path(path, suffix=".keras") as tmp:
-        model.save(tmp)
-    atomic.write_json(paths.sidecar(path, "info"), info)
-
-
-def read_info(model_path: Path) -> dict:
-    from .errors import UserError
-
-    p = paths.sidecar(model_path, "info")
-    if not p.is_file():
-        raise UserError(f"{p} not found: the model's class names and image size are stored there by train/finetune")
-    return json.loads(p.read_text())
 
 
 def run_stage(stage: str) -> None:
