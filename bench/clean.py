@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from cxr import clean, params, sources
+from cxr import clean, images, params, sources
 from cxr.download import find_local
 
 
@@ -32,7 +32,7 @@ def main() -> None:
     print(f"{name}: {len(records)} images from {raw}, to {args.size} px; {cores} cores")
     for workers in sorted({1, cores}):
         t0 = time.perf_counter()
-        out = clean.decode_all(raw, records, args.size, "pad", 60_000_000, workers)
+        out = clean.decode_all(raw, records, args.size, "pad", images.DEFAULT_MAX_PIXELS, workers)
         dt = time.perf_counter() - t0
         ok = sum(d.error is None for d in out)
         print(f"workers={workers}: {len(records) / dt:7.1f} images/s ({ok} decoded + hashed in {dt:.1f}s)")

@@ -6,9 +6,10 @@
 
 Measures, each on the same batch size and after a warm-up (traces, worker start-up):
   (a) raw forward pass: model.predict on an in-memory uint8 batch of the same images
-  (b) end to end: decode_many + predict_table, the functions the CLI runs (workers decode while the model predicts)
-  (c) decode only: decode_many with the same workers, and with one process
-and, for comparison, predict's own forward step alone and end to end with one process (no overlap);
+  (b) end to end: images.decode_many + inference.predict_stream + inference.prediction_table, the functions
+      the CLI runs (workers decode while the model predicts)
+  (c) decode only: images.decode_many with the same workers, and with one process
+and, for comparison, the forward step alone (inference.forward) and end to end with one process (no overlap);
 it prints images/s and the ratio (b)/(a); the requirement is predict within 80% of the raw forward pass.
 The best of --repeats rounds counts, all measurements interleaved in each round (other load on the
 machine only ever slows a run down, and hits them alike).
@@ -16,6 +17,7 @@ machine only ever slows a run down, and hits them alike).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import tempfile
@@ -28,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from cxr import predict  # noqa: E402
+from cxr import images, inference, modelinfo  # noqa: E402
 
 
 def synthetic_pngs(folder: Path, n: int, size: int, seed: int = 0) -> list[Path]:
@@ -72,19 +74,20 @@ def main() -> None:
     from cxr import models
 
     if args.model:
-        info = predict.read_model_info(args.model)
-        model = predict.load_model(args.model, info)
+        info = modelinfo.read_info(args.model)
+        model = inference.load_model(args.model, info)
         desc = str(args.model)
     else:
         info = {"classes": ["COVID", "Normal", "Viral Pneumonia"], "image_size": args.size, "resize": "pad"}
         model = models.build("mobilenetv2", 3, args.size, "none", alpha=1.0)
         desc = f"fresh MobileNetV2 alpha 1.0 at {args.size}px"
     size, mode, classes, bs = int(info["image_size"]), info["resize"], info["classes"], args.batch_size
-    workers = predict.resolve_workers(args.workers)
+    workers = images.resolve_workers(args.workers)
+    decode = functools.partial(images.decode, size=size, mode=mode, style="cli")
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.folder:
-            files = predict.collect_inputs([args.folder])
+            files = images.find_images([args.folder])
             source = f"{len(files)} files from {args.folder}"
         else:
             files = synthetic_pngs(Path(tmp), args.images, args.source_size)
@@ -93,11 +96,11 @@ def main() -> None:
         print(f"{source}; {desc}; batch {bs}; {workers} decoding worker(s); {os.cpu_count()} CPU(s)", flush=True)
 
         def decode_all(w):
-            return list(predict.decode_many(files, size, mode, workers=w, ahead=2 * bs))
+            return list(images.decode_many(decode, files, workers=w, ahead=2 * bs))
 
-        pixels = np.stack([it.pixels for it in decode_all(1) if it.pixels is not None])
+        pixels = np.stack([it.value for it in decode_all(1) if it.value is not None])
         x = pixels[..., None]                                   # in-memory uint8 batch, as decoded
-        fwd = predict.forward(model)
+        fwd = inference.forward(model)
 
         def raw():
             model.predict(x, batch_size=bs, verbose=0)
@@ -107,8 +110,9 @@ def main() -> None:
                 fwd(pixels[i : i + bs])
 
         def end_to_end(w=args.workers):
-            with predict.decode_many(files, size, mode, workers=w, ahead=2 * bs) as items:
-                table = predict.predict_table(model, items, classes, None, batch_size=bs, forward_fn=fwd)
+            with images.decode_many(decode, files, workers=w, ahead=2 * bs) as items:
+                proba, errors = inference.predict_stream(items, fwd, len(classes), batch_size=bs)
+            table = inference.prediction_table([str(f) for f in files], proba, classes, errors=errors)
             assert len(table) == n
 
         model.predict(x[:bs], batch_size=bs, verbose=0)         # warm-ups: traces, forkserver, worker imports
@@ -123,8 +127,8 @@ def main() -> None:
     rate = {k: n / v for k, v in t.items()}
     serial_estimate = n / (t["raw"] + t["dec1"])
     rows = [("(a) raw forward pass: model.predict, uint8 batch in memory", rate["raw"]),
-            ("    predict's own forward step alone (cxr.predict.forward)", rate["fwd"]),
-            ("(b) end to end: decode_many + predict_table (the CLI's path)", rate["e2e"]),
+            ("    predict's own forward step alone (cxr.inference.forward)", rate["fwd"]),
+            ("(b) end to end: decode_many + predict_stream (the CLI's path)", rate["e2e"]),
             ("    end to end, --workers 1 (decoding in turn with the model)", rate["e2e1"]),
             (f"(c) decode only: decode_many, {workers} worker(s)", rate["dec"]),
             ("    decode only: 1 process", rate["dec1"]),

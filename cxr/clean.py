@@ -1,11 +1,13 @@
-"""The clean stage's logic: decode every record in parallel, drop what cannot be used (each drop listed
-with its reason), remove exact and near duplicates, and store the kept pixels in a few shard files."""
+"""The clean stage's logic: decode, drop (with reasons), deduplicate and shard the raw records.
+
+Every record is decoded in parallel (images.decode_many: a file that crashes its worker is one drop), what
+cannot be used is dropped with its reason, exact and near duplicates are removed, and the kept pixels are
+stored in a few shard files."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
-import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,22 +37,21 @@ class Decoded:
     error: Drop | None = None
 
 
-def _decode_one(args) -> Decoded:
-    raw, rec, size, mode, lim = args
+def decode_record(raw: str, size: int, mode: str, lim: dict, rec: Record, decode=images.decode) -> tuple:
+    """One record's (pixels, lesion mask or None, sha256, perceptual hash); DecodeError if it cannot be used.
+    Runs in a decoding worker."""
     path = Path(raw) / rec.file
+    pixels = decode(path, size, mode, **lim)
+    mask = None
+    if rec.mask:
+        mask = decode(Path(raw) / rec.mask, size, mode, **lim) >= 128
     try:
-        pixels = images.decode(path, size, mode, **lim)
-        mask = None
-        if rec.mask:
-            mask = images.decode(Path(raw) / rec.mask, size, mode, **lim) >= 128
         with open(path, "rb") as f:  # in chunks: a large file never sits in memory whole
             digest = hashlib.file_digest(f, "sha256").hexdigest()
-    except images.DecodeError as err:
-        return Decoded(rec, error=Drop(rec.file, err.reason, err.detail))
     except OSError as err:
-        return Decoded(rec, error=Drop(rec.file, "unreadable", err.strerror or str(err)))
+        raise images.DecodeError("unreadable", err.strerror or str(err)) from None
     phash = str(imagehash.phash(Image.fromarray(pixels), hash_size=HASH_SIZE))
-    return Decoded(rec, pixels, mask, digest, phash)
+    return pixels, mask, digest, phash
 
 
 def limits(cfg: dict) -> dict:
@@ -60,16 +61,29 @@ def limits(cfg: dict) -> dict:
             "min_side": cfg.get("min_side", images.DEFAULT_MIN_SIDE)}
 
 
-def decode_all(raw: Path, records: list[Record], size: int, mode: str, max_pixels: int | dict, workers: int) -> list[Decoded]:
-    """Decode every record, in parallel over `workers` processes (0 = all cores), in input order.
-    `max_pixels`: that limit alone, or a dict of images.decode's limits (see limits())."""
-    workers = workers or os.cpu_count() or 1
+SERIAL_BELOW = 64  # fewer records are decoded in this process: starting workers would cost more
+
+
+def decode_all(raw: Path, records: list[Record], size: int, mode: str, max_pixels: int | dict, workers: int,
+               *, decode=images.decode) -> list[Decoded]:
+    """Decode every record, in parallel over `workers` processes (0 = all cores), in input order, with
+    images.decode_many: a file that crashes its worker is dropped as `decoder_crashed`, the others go on.
+    `max_pixels`: that limit alone, or a dict of images.decode's limits (see limits()). `decode`: images.decode,
+    or a stand-in with its signature (a module-level function, so that workers can load it)."""
+    workers = images.resolve_workers(workers)
     lim = max_pixels if isinstance(max_pixels, dict) else {"max_pixels": max_pixels}
-    jobs = [(str(raw), r, size, mode, lim) for r in records]
-    if workers == 1 or len(jobs) < 64:
-        return [_decode_one(j) for j in jobs]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(_decode_one, jobs, chunksize=max(1, min(64, len(jobs) // (4 * workers)))))
+    if len(records) < SERIAL_BELOW:
+        workers = 1
+    fn = functools.partial(decode_record, str(raw), size, mode, lim, decode=decode)
+    chunk = max(1, min(64, len(records) // (4 * workers)))
+    out = []
+    with images.decode_many(fn, records, workers, ahead=8 * workers * chunk, chunk=chunk) as items:
+        for it in items:
+            if it.error is not None:
+                out.append(Decoded(it.job, error=Drop(it.job.file, it.error.reason, it.error.detail)))
+            else:
+                out.append(Decoded(it.job, *it.value))
+    return out
 
 
 def hash_words(hexes) -> np.ndarray:
@@ -191,10 +205,11 @@ def summarize(n_records: int, source_drops: list[Drop], stage_drops: list[Drop],
     return out
 
 
-def run(raw: Path, out: Path, records: list[Record], source_drops: list[Drop], classes: list[str], cfg: dict) -> tuple[dict, pd.DataFrame]:
+def run(raw: Path, out: Path, records: list[Record], source_drops: list[Drop], classes: list[str], cfg: dict,
+        *, decode=images.decode) -> tuple[dict, pd.DataFrame]:
     """Decode, drop, deduplicate and write shards + manifest.csv into `out` (an empty folder).
-    Returns (summary counts, dropped-files table)."""
-    decoded = decode_all(raw, records, cfg["image_size"], cfg["resize"], limits(cfg), cfg["workers"])
+    Returns (summary counts, dropped-files table). `decode`: as for decode_all."""
+    decoded = decode_all(raw, records, cfg["image_size"], cfg["resize"], limits(cfg), cfg["workers"], decode=decode)
     failed = [d.error for d in decoded if d.error is not None]
     ok = [d for d in decoded if d.error is None]
     kept, dup_drops = deduplicate(ok, cfg["near_duplicate_distance"])

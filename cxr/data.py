@@ -65,7 +65,7 @@ def augmenter(cfg: dict, seed: int):
     return keras.Sequential(layers, name="augment") if layers else None
 
 
-def dataset(images: np.ndarray, labels: np.ndarray | None, batch_size: int, *, shuffle: bool = False, seed: int = 0, augment=None, cache: bool = True):
+def batches(images: np.ndarray, labels: np.ndarray | None, batch_size: int, *, shuffle: bool = False, seed: int = 0, augment=None, cache: bool = True):
     """A tf.data pipeline of (float32 raw pixels (B, S, S, 1), labels): shuffled, batched, augmented in
     parallel, prefetched. The uint8 arrays stay in memory; only batches are converted to float."""
     import tensorflow as tf

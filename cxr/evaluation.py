@@ -1,23 +1,20 @@
-"""The evaluate stage's logic: clinical metrics with bootstrap CIs, the triage operating point chosen on
-validation, and plot data for `dvc plots`."""
+"""The evaluate stage: clinical metrics, the triage operating point, the test predictions and plot data.
+
+Metrics come with bootstrap CIs; the operating point is chosen on validation and saved beside each model
+(modelinfo); the predictions table is inference.prediction_table's; plot data is for `dvc plots`."""
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from . import atomic, data, metrics
+from . import atomic, data, inference, metrics, modelinfo, paths
+from .errors import UserError
 
 log = logging.getLogger("evaluate")
-
-
-def predict_proba(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Class probabilities for uint8 (N, S, S) images, through the same tf.data path as training."""
-    if len(images) == 0:
-        return np.zeros((0, model.output_shape[-1]), np.float32)
-    return model.predict(data.dataset(images, None, batch_size, cache=False), verbose=0).astype(np.float64)
 
 
 def _decision_point(y_pos: np.ndarray, called: np.ndarray) -> dict:
@@ -90,17 +87,14 @@ def evaluate(proba: dict[str, np.ndarray], labels: dict[str, np.ndarray], classe
 
 
 def prediction_table(subset: data.Subset, proba: np.ndarray, classes: list[str], positive: str, threshold: float):
-    """One row per image: file, label, prediction, p_<class>..., triage decision at the threshold."""
-    import pandas as pd
-
-    from .predict import triage_labels
-
-    table = pd.DataFrame({"file": subset.files, "label": [classes[i] for i in subset.labels],
-                          "prediction": [classes[i] for i in proba.argmax(axis=1)]})
-    for k, c in enumerate(classes):
-        table[f"p_{c}"] = proba[:, k].round(6)
-    table["triage"] = np.where(proba[:, classes.index(positive)] >= threshold, *triage_labels(positive))
-    return table
+    """One row per test image: file, label, prediction, p_<class>..., triage decision at the threshold.
+    inference.prediction_table (predict's table, keyed by `file`) with the true label added, the always
+    empty `error` column left out and probabilities rounded to 6 decimals."""
+    table = inference.prediction_table(subset.files, proba, classes, {"class": positive, "threshold": threshold}, key="file")
+    table.insert(1, "label", [classes[i] for i in subset.labels])
+    for c in classes:
+        table[f"p_{c}"] = table[f"p_{c}"].astype(np.float64).round(6)
+    return table.drop(columns="error")
 
 
 def curves(proba: np.ndarray, labels: np.ndarray, classes: list[str]) -> tuple[list[dict], list[dict]]:
@@ -136,3 +130,46 @@ def write_plots(live, proba: np.ndarray, labels: np.ndarray, classes: list[str],
     recall = [{"class": c, "recall": float(((proba.argmax(axis=1) == k) & (labels == k)).sum() / max(1, (labels == k).sum()))}
               for k, c in enumerate(classes)]
     atomic.write_json(out / "recall.json", recall)
+
+
+def run(classes: list[str], positive: str, cfg: dict, models_to_evaluate: dict[str, Path] | None = None) -> dict[str, dict]:
+    """The evaluate stage (`cfg`: params `evaluate`): each model on the val and test splits -> metrics/evaluate/<name>.json,
+    reports/evaluate/<name>.json, plots/evaluate/<name>/, its operating point sidecar, and for the fine-tuned
+    model reports/test_predictions.csv. Returns the metrics by model name."""
+    from dvclive import Live
+
+    from . import models
+
+    t0 = time.perf_counter()
+    splits = data.load_splits(classes)
+    labels = {s: splits[s].labels for s in ("val", "test")}
+    results = {}
+    for name, path in (models_to_evaluate or {"baseline": paths.BASELINE, "finetuned": paths.FINETUNED}).items():
+        info = modelinfo.read_info(path)
+        if info["classes"] != classes:
+            raise UserError(f"{path} was trained on classes {info['classes']}, the data has {classes}: rerun `dvc repro`")
+        model = models.load(path)
+        run_model = inference.forward(model)
+        proba = {s: inference.probabilities(model, splits[s].images, forward_fn=run_model).astype(np.float64) for s in ("val", "test")}
+        result, threshold = evaluate(proba, labels, classes, positive, cfg)
+        # Headline figures are metrics (what `dvc metrics diff` shows); counts and weighted averages go to a report.
+        details = {"confusion": result["test"].pop("confusion"), "weighted": result["test"].pop("weighted"),
+                   "triage": {k: result["triage"][k] for k in ("val", "test", "test_argmax")}}
+        for k in ("val", "test", "test_argmax"):
+            result["triage"][k] = {m: result["triage"][k][m] for m in ("sensitivity", "specificity", "ppv", "npv")}
+        atomic.write_json(paths.METRICS / "evaluate" / f"{name}.json", result)
+        atomic.write_json(paths.REPORTS / "evaluate" / f"{name}.json", details)
+        op = cfg["operating_point"]
+        modelinfo.write_operating_point(path, positive, threshold, op["by"], op["target"])
+        if name == "finetuned":
+            atomic.write_csv(paths.TEST_PREDICTIONS, prediction_table(splits["test"], proba["test"], classes, positive, threshold))
+        live = Live(dir=str(paths.PLOTS / "evaluate" / name), dvcyaml=False, save_dvc_exp=False, report=None)
+        write_plots(live, proba["test"], labels["test"], classes, positive)
+        t = result["triage"]
+        log.info("%s: test balanced accuracy %.3f, macro ROC-AUC %s; %s sensitivity/specificity %s/%s at argmax, %s/%s at threshold %.4f; "
+                 "val/test %s", name, result["test"]["balanced_accuracy"], result["test"]["macro"]["roc_auc"], positive,
+                 t["test_argmax"]["sensitivity"], t["test_argmax"]["specificity"], t["test"]["sensitivity"], t["test"]["specificity"], threshold,
+                 {k: (result["positive"]["val"][k], result["positive"]["test"][k]) for k in result["positive"]["test"] if k != "ci"})
+        results[name] = result
+    log.info("done in %.1fs", time.perf_counter() - t0)
+    return results

@@ -1,11 +1,20 @@
-"""Grad-CAM (Selvaraju et al. 2017) on the project's models, and how well maps match known lesions.
+"""Grad-CAM (Selvaraju et al. 2017): the maps, how well they match known lesions, the gradcam stage, predict's overlays.
 
 The model is a chain ending in `backbone -> pool -> dropout -> predictions`; the target layer is the last
 layer with a 4-D output inside the nested backbone (its last conv feature map), found automatically.
 """
 from __future__ import annotations
 
+import collections
+import logging
+import os
+from pathlib import Path
+
 import numpy as np
+
+from . import atomic, data, inference, metrics, panels, paths
+
+log = logging.getLogger("gradcam")
 
 
 def target_layer(model, min_side: int = 7):
@@ -23,10 +32,9 @@ def target_layer(model, min_side: int = 7):
     return net, (wide or maps)[-1].name
 
 
-def heatmaps(model, images: np.ndarray, class_index: np.ndarray | None = None, batch_size: int = 32,
-             min_side: int = 7) -> tuple[np.ndarray, np.ndarray]:
-    """Grad-CAM maps (N, S, S) in [0, 1] for uint8 images (N, S, S), for the given classes (default: the
-    predicted ones). Returns (maps, probabilities)."""
+def heatmaps(model, images: np.ndarray, class_index: np.ndarray, batch_size: int = 32, min_side: int = 7) -> np.ndarray:
+    """Grad-CAM maps (N, S, S) in [0, 1] for uint8 images (N, S, S), each for the class class_index[i]
+    (e.g. the predicted one: inference.probabilities(...).argmax(axis=1))."""
     import keras
     import tensorflow as tf
 
@@ -36,7 +44,8 @@ def heatmaps(model, images: np.ndarray, class_index: np.ndarray | None = None, b
     inner = keras.Model(net.inputs, [net.get_layer(layer_name).output, net.output])
     before, after = models.outer_layers(model)
     size = images.shape[1:3]
-    maps, probs = [], []
+    class_index = np.asarray(class_index, np.int32)
+    maps = []
     for start in range(0, len(images), batch_size):
         x = tf.convert_to_tensor(images[start : start + batch_size, ..., None], tf.float32)
         for layer in before:
@@ -46,16 +55,14 @@ def heatmaps(model, images: np.ndarray, class_index: np.ndarray | None = None, b
             tape.watch(feats)
             for layer in after:
                 y = layer(y, training=False)
-            idx = tf.argmax(y, axis=1) if class_index is None else tf.constant(class_index[start : start + batch_size])
-            score = tf.gather(y, idx, axis=1, batch_dims=1)
+            score = tf.gather(y, tf.constant(class_index[start : start + batch_size]), axis=1, batch_dims=1)
         grads = tape.gradient(score, feats)
-        weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
-        cam = tf.nn.relu(tf.reduce_sum(weights * feats, axis=-1))
+        channel_weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+        cam = tf.nn.relu(tf.reduce_sum(channel_weights * feats, axis=-1))
         cam = tf.image.resize(cam[..., None], size, method="bilinear")[..., 0]
         peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
         maps.append((cam / tf.maximum(peak, 1e-12)).numpy())
-        probs.append(y.numpy())
-    return np.concatenate(maps), np.concatenate(probs)
+    return np.concatenate(maps) if maps else np.zeros((0, *size), np.float32)
 
 
 def energy_inside(cam: np.ndarray, mask: np.ndarray) -> float | None:
@@ -95,10 +102,92 @@ def localisation(cams: np.ndarray, masks: np.ndarray) -> dict:
             "pointing_game": round(float(np.mean(hits)), 4), "uniform_energy_inside": round(float(np.mean(area)), 4)}
 
 
-def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """RGB uint8: the grayscale X-ray with the map in a 'jet' colour scale on top."""
-    from matplotlib import colormaps
+# --- the gradcam stage --------------------------------------------------------------------------------
 
-    rgb = np.repeat(image[..., None].astype(np.float32) / 255.0, 3, axis=-1)
-    heat = colormaps["jet"](cam)[..., :3]
-    return (np.clip((1 - alpha) * rgb + alpha * heat, 0, 1) * 255).astype(np.uint8)
+def run(cfg: dict, classes: list[str], model_path: Path = paths.FINETUNED, out: Path = paths.PLOTS / "gradcam",
+        metrics_path: Path = paths.METRICS / "gradcam.json") -> dict:
+    """The gradcam stage (`cfg`: params `gradcam`): one panel of test images per class into `out`
+    (<class key>.png), and, where lesion masks are known, how well the true class's maps localise them;
+    writes and returns the metrics. Each (image, class) map is computed once."""
+    from . import models
+
+    test = data.load_splits(classes)["test"]
+    model = models.load(model_path)
+    proba = inference.probabilities(model, test.images)
+    explains = "predicted class" if cfg["class"] == "predicted" else cfg["class"]
+    target = proba.argmax(axis=1) if cfg["class"] == "predicted" else np.full(len(test), classes.index(cfg["class"]))
+    chosen = {k: panels.pick(test.labels, proba, k, cfg["per_class"]) for k in range(len(classes))}
+    # Localisation is measured for the class whose lesion the mask marks: the true class.
+    lesion = np.flatnonzero(test.masks.any(axis=(1, 2))) if test.masks is not None else np.zeros(0, int)
+    wanted = [(i, int(target[i])) for k in chosen for i in chosen[k]] + [(int(i), int(test.labels[i])) for i in lesion]
+    pairs = list(dict.fromkeys(wanted))
+    idx = np.array([i for i, _ in pairs], int)
+    cams = heatmaps(model, test.images[idx], np.array([c for _, c in pairs], np.int32), min_side=cfg["min_side"])
+    cam_of = {pair: cams[n] for n, pair in enumerate(pairs)}
+    with atomic.atomic_dir(out) as tmp:
+        for k, name in enumerate(classes):
+            titles = [f"true {name}\npred {classes[proba[i].argmax()]} p={proba[i].max():.2f}" for i in chosen[k]]
+            panels.figure(tmp / f"{metrics.class_key(name)}.png", test.images[chosen[k]],
+                          np.array([cam_of[(i, int(target[i]))] for i in chosen[k]]), titles,
+                          f"Grad-CAM ({explains}): test images of class {name}", cfg["alpha"])
+    result = {"images": len(test), "layer": target_layer(model, cfg["min_side"])[1]}
+    if test.masks is not None:
+        true_cams = np.array([cam_of[(int(i), int(test.labels[i]))] for i in lesion]).reshape(len(lesion), *test.images.shape[1:])
+        result["localisation"] = localisation(true_cams, test.masks[lesion])
+        log.info("localisation on %d lesion images: %s", result["localisation"]["n"], result["localisation"])
+    atomic.write_json(metrics_path, result)
+    log.info("panels in %s", out)
+    return result
+
+
+# --- overlays of `python -m cxr predict --gradcam` ------------------------------------------------------
+
+def overlay_names(files: list[Path]) -> list[str]:
+    """One PNG file name per input, named after it: `<stem>.png`; files sharing a stem get their folders
+    (relative to the inputs' common folder) joined with '__' (`a__x.png`, `b__x.png`), plus the original
+    suffix where that still collides (`x_jpg.png`), plus `-<n>` as a last resort."""
+    def safe(s: str) -> str:
+        return "".join(ch if ch.isalnum() or ch in "-_. " else "_" for ch in s).strip() or "image"
+
+    stems = collections.Counter(f.stem for f in files)
+    try:
+        common = Path(os.path.commonpath([str(f.parent.absolute()) for f in files])) if files else Path()
+    except ValueError:  # different drives
+        common = None
+    names = []
+    for f in files:
+        if stems[f.stem] == 1:
+            names.append(safe(f.stem))
+            continue
+        parent = f.parent.absolute()
+        rel = parent.relative_to(common).parts if common is not None and parent.is_relative_to(common) else parent.parts[1:]
+        names.append(safe("__".join([*rel, f.stem])))
+    counts = collections.Counter(n.lower() for n in names)  # case-insensitive: macOS and Windows disks
+    names = [safe(f"{n}_{f.suffix.lstrip('.')}") if counts[n.lower()] > 1 and f.suffix else n for n, f in zip(names, files)]
+    counts = collections.Counter(n.lower() for n in names)
+    taken = {n.lower() for n in names if counts[n.lower()] == 1}
+    out = []
+    for n in names:
+        if counts[n.lower()] > 1:
+            k = 1
+            while f"{n}-{k}".lower() in taken:
+                k += 1
+            n = f"{n}-{k}"
+            taken.add(n.lower())
+        out.append(f"{n}.png")
+    return out
+
+
+def write_overlays(model, pixels: np.ndarray, proba: np.ndarray, classes: list[str], operating_point: dict | None,
+                   files: list[Path], alpha: float = 0.4) -> None:
+    """For a batch of images and their probabilities: the Grad-CAM overlay of each one's predicted class,
+    titled with the prediction (and triage call), as PNG files (panels.render); none for non-finite rows."""
+    finite = np.isfinite(proba).all(axis=1)
+    pred = np.nan_to_num(proba).argmax(axis=1)
+    cams = heatmaps(model, pixels, pred, batch_size=len(pixels))
+    calls = inference.triage(np.nan_to_num(proba), classes, operating_point)
+    for k, path in enumerate(files):
+        if not finite[k]:
+            continue
+        title = f"{classes[pred[k]]} p={proba[k, pred[k]]:.3f}" + (f"  ({calls[k]})" if operating_point is not None else "")
+        panels.save_png(path, panels.render(pixels[k], cams[k], alpha, title))

@@ -1,16 +1,30 @@
-"""Image decoding: one function turns any file the pipeline meets into the pixels every model sees.
+"""Image files: finding them, decoding one, and decoding many in worker processes that may crash.
+
+One function (decode) turns any file the pipeline meets into the pixels every model sees, and one process
+pool (decode_many) runs it over many files, surviving a worker that crashes.
 
 Convention: 8-bit grayscale (0 = black, 255 = white), square `size` x `size`, EXIF orientation applied.
 `clean` stores these pixels; `predict` calls the same function, so training and prediction cannot disagree.
+Both decode through decode_many, so a file that kills its decoding process costs only that file.
 """
 from __future__ import annotations
 
+import collections
+import logging
+import math
+import multiprocessing
+import os
 import re
 import warnings
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger("images")
 
 
 class DecodeError(Exception):
@@ -20,6 +34,9 @@ class DecodeError(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+    def __reduce__(self):  # raised in a worker process, re-raised in the parent
+        return DecodeError, (self.reason, self.detail)
 
 
 def _to_gray(img: Image.Image) -> np.ndarray:
@@ -59,7 +76,7 @@ def square(gray: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-DEFAULT_MAX_PIXELS = 60_000_000
+DEFAULT_MAX_PIXELS = 60_000_000  # the default of params.yaml clean.max_pixels and predict's --max-pixels
 DEFAULT_MAX_ASPECT_RATIO = 4.0   # chest radiographs are at most ~1:2.3 in both collections
 DEFAULT_MIN_SIDE = 1
 
@@ -125,3 +142,182 @@ def decode(path: str | Path, size: int, mode: str = "pad", max_pixels: int = DEF
     if gray.size == 0:
         raise DecodeError("unreadable", "image has no pixels")
     return square(gray, size, mode)
+
+
+# --- many files, in worker processes
+
+def find_images(args: Iterable[str | os.PathLike]) -> list[Path]:
+    """The files to decode, sorted and without duplicates. A folder contributes every file below it whose
+    suffix is an image suffix (sources.IMAGE_SUFFIXES, case-insensitive), skipping hidden files and folders
+    (names starting with '.', e.g. macOS `._x.png` metadata); a file named explicitly is always taken,
+    whatever its suffix. A path that does not exist is a UserError; so is finding no file at all."""
+    from .errors import UserError
+    from .sources import IMAGE_SUFFIXES
+
+    suffixes = tuple(sorted(IMAGE_SUFFIXES))
+    found: set[Path] = set()
+    for arg in args:
+        p = Path(arg)
+        if p.is_dir():
+            for root, dirs, files in os.walk(p):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                for name in files:
+                    if not name.startswith(".") and name.lower().endswith(suffixes):
+                        found.add(Path(root) / name)
+        elif p.exists():
+            found.add(p)
+        else:
+            raise UserError(f"{arg}: no such file or folder")
+    if not found:
+        raise UserError(f"no image files found in {', '.join(map(str, args)) or 'the arguments'} "
+                        f"(looked for {' '.join(suffixes)})")
+    return sorted(found)
+
+
+CRASHED = DecodeError("decoder_crashed", "the decoding process died on this file (corrupt file or out of memory)")
+
+
+class Item(NamedTuple):
+    """One job, decoded: `value` is what the decoding function returned, or `error` says why there is none."""
+    index: int
+    job: object
+    value: object | None
+    error: DecodeError | None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _call(fn: Callable, job) -> tuple[object | None, DecodeError | None]:
+    try:
+        return fn(job), None
+    except DecodeError as err:
+        return None, err
+    except Exception as err:  # a decoder bug on one odd file must not stop the others
+        return None, DecodeError("unreadable", _one_line(f"{type(err).__name__}: {err}"))
+
+
+def _call_chunk(fn: Callable, jobs: list) -> list[tuple[object | None, DecodeError | None]]:
+    return [_call(fn, job) for job in jobs]
+
+
+def resolve_workers(workers: int) -> int:
+    """A worker count, 0 meaning all cores."""
+    return workers if workers > 0 else (os.cpu_count() or 1)
+
+
+class decode_many:
+    """Run `fn(job)` (a decode: returns a value or raises DecodeError) over `jobs`, yielding Items in input order.
+
+    With more than one worker the jobs run in worker processes (forkserver: safe after TensorFlow has
+    started threads), in chunks, at most `ahead` jobs ahead of the consumer: memory stays bounded and the
+    workers keep decoding while the consumer works. Decoding starts at construction, so a caller can load a
+    model meanwhile. Any other exception from `fn` is an `unreadable` error for that job. A worker that dies
+    (a decoder crash, out of memory) costs only the job that killed it: the unfinished jobs are retried one
+    by one and that job gets the `decoder_crashed` error (CRASHED). `fn` and the jobs must pickle (a
+    module-level function or a functools.partial of one). Use as an iterator; close() (or `with`) stops the
+    workers early. As with any non-fork multiprocessing, a script that calls this must guard its entry point
+    with `if __name__ == "__main__":` (`python -m cxr` and `python -m stages.<name>` do)."""
+
+    def __init__(self, fn: Callable, jobs: Iterable, workers: int = 0, *, ahead: int = 64, chunk: int = 4):
+        self.fn = fn
+        self.jobs = list(jobs)
+        self.workers = min(resolve_workers(workers), max(1, len(self.jobs)))
+        self.chunk = max(1, chunk)
+        self.inflight = max(2 * self.workers, math.ceil(max(1, ahead) / self.chunk))
+        self.chunks = [list(range(i, min(i + self.chunk, len(self.jobs)))) for i in range(0, len(self.jobs), self.chunk)]
+        self.pool: ProcessPoolExecutor | None = None
+        self.pending: collections.deque = collections.deque()  # (indices, future)
+        self.next_chunk = 0
+        self.ready: collections.deque[Item] = collections.deque()
+        self.serial_next = 0
+        if self.workers > 1:
+            self.pool = self._new_pool(self.workers)
+            self._fill()
+
+    # --- process pool
+    def _new_pool(self, n: int) -> ProcessPoolExecutor:
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            ctx = multiprocessing.get_context("forkserver")
+            module = getattr(self.fn, "func", self.fn).__module__
+            ctx.set_forkserver_preload(["__main__", __name__, module])  # workers start with their imports done
+        else:
+            ctx = multiprocessing.get_context("spawn")
+        return ProcessPoolExecutor(max_workers=n, mp_context=ctx)
+
+    def _submit(self, pool: ProcessPoolExecutor, indices: list[int]):
+        return pool.submit(_call_chunk, self.fn, [self.jobs[i] for i in indices])
+
+    def _fill(self) -> None:
+        while self.next_chunk < len(self.chunks) and len(self.pending) < self.inflight:
+            idx = self.chunks[self.next_chunk]
+            self.pending.append((idx, self._submit(self.pool, idx)))
+            self.next_chunk += 1
+
+    def _isolate(self, indices: list[int]) -> None:
+        """After a worker died: run these jobs one at a time in a fresh single worker; a job whose worker
+        dies again is the culprit."""
+        pool = self._new_pool(1)
+        try:
+            for i in indices:
+                try:
+                    (value, error), = self._submit(pool, [i]).result()
+                except BrokenProcessPool:
+                    value, error = None, CRASHED
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    pool = self._new_pool(1)
+                self.ready.append(Item(i, self.jobs[i], value, error))
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- iterator
+    def __iter__(self) -> Iterator[Item]:
+        return self
+
+    def __next__(self) -> Item:
+        if self.ready:
+            return self.ready.popleft()
+        if self.pool is None:  # serial
+            if self.serial_next >= len(self.jobs):
+                raise StopIteration
+            i = self.serial_next
+            self.serial_next += 1
+            return Item(i, self.jobs[i], *_call(self.fn, self.jobs[i]))
+        if not self.pending:
+            self.close()
+            raise StopIteration
+        indices, future = self.pending.popleft()
+        try:
+            results = future.result()
+        except BrokenProcessPool:
+            unfinished = indices + [i for idx, _ in self.pending for i in idx]
+            self.pending.clear()
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            log.warning("a decoding worker died: retrying %d file(s) one at a time", len(unfinished))
+            self._isolate(unfinished)
+            self.pool = self._new_pool(self.workers)
+            self._fill()
+            return self.__next__()
+        self._fill()
+        self.ready.extend(Item(i, self.jobs[i], value, err) for i, (value, err) in zip(indices, results))
+        return self.ready.popleft()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+            self.pending.clear()
+        self.serial_next = len(self.jobs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,11 +1,18 @@
-"""Grad-CAM panels: which test images to show, and the PNG figure for each class."""
+"""Grad-CAM pictures: the one overlay renderer (image + heatmap -> titled RGB array) and the per-class panels.
+
+`render` draws one image with its heatmap for both consumers: `python -m cxr predict --gradcam` writes it as
+one PNG per file, and the gradcam stage lays several side by side (`figure`) under a panel title.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
-from . import atomic, gradcam
+from . import atomic
+
+MIN_SIDE = 256   # rendered overlays are upscaled to at least this many pixels across
+GAP = 8          # pixels between the images of a panel
 
 
 def pick(labels: np.ndarray, proba: np.ndarray, k: int, n: int) -> list[int]:
@@ -19,21 +26,68 @@ def pick(labels: np.ndarray, proba: np.ndarray, k: int, n: int) -> list[int]:
     return [int(i) for i in list(wrong[:n_wrong]) + list(right[: n - n_wrong])]
 
 
-def figure(path: Path, images: np.ndarray, cams: np.ndarray, titles: list[str], suptitle: str, alpha: float) -> None:
-    """One row of X-ray + heatmap overlays, saved atomically as PNG."""
-    import matplotlib
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """RGB uint8 at the image's size: the grayscale X-ray with the map (in [0, 1]) in a 'jet' colour scale on top."""
+    from matplotlib import colormaps
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    rgb = np.repeat(image[..., None].astype(np.float32) / 255.0, 3, axis=-1)
+    heat = colormaps["jet"](cam)[..., :3]
+    return (np.clip((1 - alpha) * rgb + alpha * heat, 0, 1) * 255).astype(np.uint8)
 
-    n = len(images)
-    fig, axes = plt.subplots(1, max(n, 1), figsize=(3.2 * max(n, 1), 3.8), squeeze=False, layout="constrained")
-    for ax, img, cam, title in zip(axes[0], images, cams, titles):
-        ax.imshow(gradcam.overlay(img, cam, alpha))
-        ax.set_title(title, fontsize=9)
-    for ax in axes[0]:
-        ax.axis("off")
-    fig.suptitle(suptitle, fontsize=11)
+
+def _font(px: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=px)
+    except TypeError:  # Pillow without FreeType
+        return ImageFont.load_default()
+
+
+def titled(rgb: np.ndarray, title: str, font_px: int | None = None) -> np.ndarray:
+    """An RGB array under a white bar holding `title` (one or more lines; font_px high, default 1/20 of the
+    width), widened with white where the title is wider, as an RGB uint8 array."""
+    from PIL import Image, ImageDraw
+
+    h, w = rgb.shape[:2]
+    font = _font(font_px or max(12, w // 20))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    _, _, right, bottom = probe.multiline_textbbox((0, 0), title or "Ag", font=font)
+    bar, width = bottom + 10, max(w, right + 10)
+    canvas = Image.new("RGB", (width, h + bar), "white")
+    canvas.paste(Image.fromarray(rgb, "RGB"), ((width - w) // 2, bar))
+    ImageDraw.Draw(canvas).multiline_text((5, 5), title, fill="black", font=font)
+    return np.asarray(canvas)
+
+
+def render(image: np.ndarray, cam: np.ndarray, alpha: float = 0.4, title: str = "", min_side: int = MIN_SIDE) -> np.ndarray:
+    """uint8 (S, S) X-ray + Grad-CAM map in [0, 1] (S, S) -> RGB uint8 (H, W, 3): the overlay, upscaled to at
+    least min_side pixels across, under a title bar. A pure function: same inputs, same array."""
+    from PIL import Image
+
+    rgb = Image.fromarray(overlay(image, cam, alpha), "RGB")
+    side = max(min_side, rgb.width)
+    if rgb.width != side:
+        rgb = rgb.resize((side, side), Image.Resampling.BILINEAR)
+    return titled(np.asarray(rgb), title)
+
+
+def save_png(path: Path, rgb: np.ndarray) -> None:
+    """An RGB array as a PNG file, written atomically."""
+    from PIL import Image
+
     with atomic.atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
+        Image.fromarray(rgb, "RGB").save(tmp, format="PNG")
+
+
+def figure(path: Path, images: np.ndarray, cams: np.ndarray, titles: list[str], suptitle: str, alpha: float) -> None:
+    """One row of rendered X-ray + heatmap overlays under the panel's title, saved atomically as PNG."""
+    tiles = [render(img, cam, alpha, title) for img, cam, title in zip(images, cams, titles)]
+    height = max((t.shape[0] for t in tiles), default=MIN_SIDE)
+    width = sum(t.shape[1] for t in tiles) + GAP * max(0, len(tiles) - 1) if tiles else MIN_SIDE
+    row = np.full((height, width, 3), 255, np.uint8)
+    x = 0
+    for t in tiles:
+        row[: t.shape[0], x : x + t.shape[1]] = t
+        x += t.shape[1] + GAP
+    save_png(path, titled(row, suptitle, font_px=MIN_SIDE // 14))

@@ -1,7 +1,6 @@
 """Training: the frozen-backbone baseline (optionally on cached features) and fine-tuning."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -9,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from . import atomic, data, metrics, models, paths
+from .modelinfo import model_info, save  # the model file and its info sidecar
 
 log = logging.getLogger("training")
 
@@ -115,9 +115,9 @@ class Selector:
                 **rounded(self.history[self.best_epoch]), "start": rounded(self.history[0])}
 
 
-def _sample_weights(labels: np.ndarray, weights: dict[int, float] | None) -> np.ndarray:
+def _sample_weights(labels: np.ndarray, class_weight: dict[int, float] | None) -> np.ndarray:
     """Per-sample weights from class_weights() (all 1 without them)."""
-    return np.ones(len(labels), np.float32) if weights is None else np.array([weights[int(c)] for c in labels], np.float32)
+    return np.ones(len(labels), np.float32) if class_weight is None else np.array([class_weight[int(c)] for c in labels], np.float32)
 
 
 def _logistic_reference(train_x, train_y, val_x, val_y, positive: int, specificity: float, class_weight=None) -> dict:
@@ -152,7 +152,7 @@ def baseline(p: dict, classes: list[str], splits: dict[str, data.Subset], logger
     if cfg["feature_cache"]:
         t0 = time.perf_counter()
         extractor = models.feature_extractor(model)
-        x_train, x_val = (extractor.predict(data.dataset(s.images, None, bs, cache=False), verbose=0) for s in (tr, va))
+        x_train, x_val = (extractor.predict(data.batches(s.images, None, bs, cache=False), verbose=0) for s in (tr, va))
         summary["feature_cache_seconds"] = time.perf_counter() - t0
         log.info("cached backbone features for %d images in %.1fs", len(tr) + len(va), summary["feature_cache_seconds"])
         with strategy.scope():
@@ -161,29 +161,29 @@ def baseline(p: dict, classes: list[str], splits: dict[str, data.Subset], logger
     else:
         trained = model
         aug = data.augmenter(cfg["augment"], cfg["seed"])
-        fit_data = {"x": data.dataset(tr.images, tr.labels, bs, shuffle=True, seed=cfg["seed"], augment=aug)}
+        fit_data = {"x": data.batches(tr.images, tr.labels, bs, shuffle=True, seed=cfg["seed"], augment=aug)}
         x_val = va.images[..., None].astype(np.float32)
     steps = cfg["epochs"] * int(np.ceil(len(tr) / bs))
     trained.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(cfg["learning_rate"], steps)),
                     loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=runtime["xla"])
-    weights = class_weights(tr.labels, len(classes), cfg["class_weight"])
+    class_weight = class_weights(tr.labels, len(classes), cfg["class_weight"])
     selector = Selector(lambda: trained.predict(x_val, batch_size=bs, verbose=0), va.labels, positive, "loss", spec,
-                        cfg["patience"], class_weight=weights, start_is_candidate=False)
+                        cfg["patience"], class_weight=class_weight, start_is_candidate=False)
     t0 = time.perf_counter()
-    trained.fit(**fit_data, epochs=cfg["epochs"], class_weight=weights,
+    trained.fit(**fit_data, epochs=cfg["epochs"], class_weight=class_weight,
                 callbacks=[selector.callback(trained), DVCLiveCallback(live=logger)], verbose=0)
     seconds = time.perf_counter() - t0
     summary = {**selector.restore(trained), **summary}
     summary["seconds_per_epoch"] = seconds / max(1, summary["epochs_run"])
     if cfg["feature_cache"]:
-        ref = summary["logistic_regression"] = _logistic_reference(x_train, tr.labels, x_val, va.labels, positive, spec, weights)
+        ref = summary["logistic_regression"] = _logistic_reference(x_train, tr.labels, x_val, va.labels, positive, spec, class_weight)
         log.info("validation, head vs logistic regression on the same features: loss %.4f vs %.4f, balanced accuracy "
                  "%.4f vs %.4f, macro ROC-AUC %.4f vs %.4f", summary["val_loss"], ref["val_loss"],
                  summary["val_balanced_accuracy"], ref["val_balanced_accuracy"], summary["val_macro_roc_auc"], ref["val_macro_roc_auc"])
     return model, summary
 
 
-def _view_batches(views: list[np.ndarray], onehot: np.ndarray, weights: np.ndarray, batch_size: int, seed: int):
+def _view_batches(views: list[np.ndarray], onehot: np.ndarray, sample_weights: np.ndarray, batch_size: int, seed: int):
     """A keras.utils.PyDataset over cached boundary activations: every epoch each training image appears once,
     as one of its cached views (un-augmented or augmented) drawn at random, in shuffled order; seeded."""
     import keras
@@ -204,7 +204,7 @@ def _view_batches(views: list[np.ndarray], onehot: np.ndarray, weights: np.ndarr
         def __getitem__(self, i):
             idx = np.sort(self.order[i * batch_size : (i + 1) * batch_size])
             x = np.stack([views[v][j] for v, j in zip(self.view[idx], idx)]).astype(np.float32)
-            return x, onehot[idx], weights[idx]
+            return x, onehot[idx], sample_weights[idx]
 
     return ViewBatches()
 
@@ -285,7 +285,7 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
     k = len(classes)
     aug = data.augmenter(p["train"]["augment"], cfg["seed"])
     onehot = np.eye(k, dtype=np.float32)[tr.labels]
-    weights = class_weights(tr.labels, k, p["train"]["class_weight"])
+    class_weight = class_weights(tr.labels, k, p["train"]["class_weight"])
     with strategy.scope():
         model = models.load(base_model_path)
         n = models.unfreeze_from(model, cfg["unfreeze_from"], freeze_batchnorm=p["model"]["weights"] != "none")
@@ -316,16 +316,16 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
             set_determinism(seed, ops=not runtime["xla"])
             trained.set_weights(start)
         if cfg["views"]:
-            fit_data = {"x": _view_batches(train_views, onehot, _sample_weights(tr.labels, weights), bs, seed)}
+            fit_data = {"x": _view_batches(train_views, onehot, _sample_weights(tr.labels, class_weight), bs, seed)}
         else:
-            fit_data = {"x": data.dataset(tr.images, onehot, bs, shuffle=True, seed=seed, augment=aug), "class_weight": weights}
+            fit_data = {"x": data.batches(tr.images, onehot, bs, shuffle=True, seed=seed, augment=aug), "class_weight": class_weight}
         schedule = keras.optimizers.schedules.CosineDecay(0.0, decay_steps=max(1, total - warmup),
                                                           warmup_target=cfg["learning_rate"], warmup_steps=warmup)
         trained.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg["weight_decay"]),
                         loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg["label_smoothing"]),
                         jit_compile=runtime["xla"])
         selector = Selector(lambda: trained.predict(val_x, batch_size=bs, verbose=0), va.labels, positive,
-                            cfg["monitor"], cfg["monitor_specificity"], cfg["patience"], class_weight=weights)
+                            cfg["monitor"], cfg["monitor_specificity"], cfg["patience"], class_weight=class_weight)
         callbacks = [selector.callback(trained)] + ([DVCLiveCallback(live=logger)] if member == 0 else [])
         trained.fit(**fit_data, epochs=cfg["epochs"], callbacks=callbacks, verbose=0)
         runs.append((selector.restore(trained), trained.get_weights(), selector))
@@ -347,28 +347,6 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
         log.info("temperature scaling on validation: T=%.3f, ECE %.4f -> %.4f", t,
                  summary["temperature"]["val_ece_before"], summary["temperature"]["val_ece_after"])
     return model, summary
-
-
-def model_info(p: dict, classes: list[str], positive: str) -> dict:
-    """What prediction needs to feed a model the same pixels and read its outputs."""
-    return {"classes": classes, "positive": positive, "image_size": p["clean"]["image_size"],
-            "resize": p["clean"]["resize"], "arch": p["model"]["arch"], "dataset": p["dataset"]}
-
-
-def save(model, path: Path, info: dict) -> None:
-    """The .keras file and its `.info.json` sidecar, each written atomically."""
-    with atomic.atomic_path(path, suffix=".keras") as tmp:
-        model.save(tmp)
-    atomic.write_json(paths.sidecar(path, "info"), info)
-
-
-def read_info(model_path: Path) -> dict:
-    from .errors import UserError
-
-    p = paths.sidecar(model_path, "info")
-    if not p.is_file():
-        raise UserError(f"{p} not found: the model's class names and image size are stored there by train/finetune")
-    return json.loads(p.read_text())
 
 
 def run_stage(stage: str) -> None:

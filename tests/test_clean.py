@@ -1,4 +1,5 @@
 """cxr.clean.run on a small tree of real images: drops with reasons, duplicates, shards, parallel == serial."""
+import os
 import shutil
 from pathlib import Path
 
@@ -204,6 +205,31 @@ def test_decode_all_parallel_keeps_input_order(tmp_path):
     decoded = clean.decode_all(raw, recs, 8, "pad", 10_000, workers=2)
     assert [d.record for d in decoded] == recs
     assert [int(d.pixels[0, 0]) for d in decoded] == list(range(80))
+
+
+def crashing_decode(path, size, mode="pad", **limits):
+    """images.decode, except that it kills its process on one file, as a decoder crash or the OOM killer would."""
+    if Path(path).name == "crash.png":
+        os._exit(1)
+    return decode(path, size, mode, **limits)
+
+
+def test_a_file_that_kills_its_decoding_worker_is_dropped_and_counted(tmp_path):
+    raw = tmp_path / "raw"
+    recs = [Record(_put(raw, f"{cls}/{i:03d}.png", _smooth(10 * i + (cls == "COVID"))), cls, f"{cls}{i}")
+            for i in range(35) for cls in CLASSES]
+    recs.append(Record(_put(raw, "COVID/crash.png", _smooth(999)), "COVID", "crash"))
+    assert len(recs) >= clean.SERIAL_BELOW
+    out = tmp_path / "out"
+    out.mkdir()
+    summary, dropped = clean.run(raw, out, recs, [], CLASSES, _cfg(workers=2, near_duplicate_distance=-1, shard_size=128),
+                                 decode=crashing_decode)
+    assert summary["seen"] == 71 and summary["kept"] == 70 and summary["dropped_by_reason"] == {"decoder_crashed": 1}
+    assert dropped["file"].tolist() == ["COVID/crash.png"] and dropped["reason"].tolist() == ["decoder_crashed"]
+    kept = pd.read_csv(out / "manifest.csv")["file"].tolist()
+    assert kept == sorted(r.file for r in recs[:-1])
+    pixels = np.load(out / "images-00000.npy")
+    np.testing.assert_array_equal(pixels[0], decode(raw / kept[0], SIZE, "pad"))
 
 
 # --- hashes --------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""Hostile or odd input to the data stages' library code and to `predict`: path traversal, links, archive
-bombs, corrupt archives and tables, extreme images, names pandas would read as missing, bad sidecars.
-Every case is refused with one clear line or counted as a drop with its reason; none is a traceback."""
+"""Hostile or odd input to the data stages' library code and to `predict`, refused or counted, never a traceback.
+
+Path traversal, links, archive bombs, corrupt archives and tables, extreme images, names pandas would
+read as missing, bad sidecars. Every case is refused with one clear line or counted as a drop with its reason; none is a traceback."""
+import functools
 import io
 import json
 import os
@@ -17,7 +19,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxr import atomic, clean, download, images, predict, sources
+from cxr import atomic, clean, download, images, inference, modelinfo, predict, sources
 from cxr import split as splitting
 from cxr.errors import UserError, cli
 from cxr.sources import Drop, Record
@@ -524,12 +526,12 @@ def test_operating_point_threshold_is_validated(tmp_path, threshold):
     text = json.dumps({"class": "COVID", "threshold": threshold})    # NaN and Infinity as Python's json writes them
     (tmp_path / "m.operating_point.json").write_text(text)
     with pytest.raises(UserError, match="threshold"):
-        predict.read_operating_point(model, CLASSES)
+        modelinfo.read_operating_point(model, CLASSES)
 
 
 def test_operating_point_in_range_is_accepted(tmp_path):
     model = _fake_model(tmp_path, op={"class": "COVID", "threshold": 0.25})
-    assert predict.read_operating_point(model, CLASSES)["threshold"] == 0.25
+    assert modelinfo.read_operating_point(model, CLASSES)["threshold"] == 0.25
 
 
 @pytest.mark.parametrize("info,match", [
@@ -546,7 +548,7 @@ def test_operating_point_in_range_is_accepted(tmp_path):
 def test_model_info_sidecar_is_validated(tmp_path, info, match):
     model = _fake_model(tmp_path, info=info)
     with pytest.raises(UserError, match=match):
-        predict.read_model_info(model)
+        modelinfo.read_info(model)
 
 
 def test_text_file_as_model_says_what_is_wrong(tmp_path):
@@ -554,19 +556,20 @@ def test_text_file_as_model_says_what_is_wrong(tmp_path):
     notes.write_text("just some notes")
     (tmp_path / "notes.info.json").write_text(json.dumps({"classes": CLASSES, "image_size": 32, "resize": "pad"}))
     with pytest.raises(UserError) as info:
-        predict.read_model_info(notes)
+        modelinfo.read_info(notes)
     assert "is not a Keras model file" in str(info.value) and "not found" not in str(info.value).lower()
 
 
 def test_non_finite_model_output_is_an_error_row_not_a_triage_call():
-    items = [predict.Item(i, Path(f"x{i}.png"), np.zeros((32, 32), np.uint8), None) for i in range(3)]
+    items = [images.Item(i, Path(f"x{i}.png"), np.zeros((32, 32), np.uint8), None) for i in range(3)]
 
     def forward(x):
         out = np.full((len(x), 3), 1 / 3, np.float32)
         out[1] = np.nan
         return out
 
-    table = predict.predict_table(None, items, CLASSES, {"class": "COVID", "threshold": 0.2}, forward_fn=forward)
+    proba, errors = inference.predict_stream(items, forward, len(CLASSES))
+    table = inference.prediction_table([str(it.job) for it in items], proba, CLASSES, {"class": "COVID", "threshold": 0.2}, errors=errors)
     assert table["triage"].tolist() == ["COVID-positive", "", "COVID-positive"]
     assert table["error"].iloc[1].startswith("non_finite_output: ") and table["prediction"].iloc[1] == ""
 
@@ -576,9 +579,10 @@ def test_predict_error_rows_name_the_command_line_limits(tmp_path):
     Image.new("L", (3000, 3000), 0).save(big)
     line = tmp_path / "line.png"
     line.write_bytes(_gray_png_bytes(1000, 1))
-    items = list(predict.decode_many([big, line], 32, "pad", max_pixels=1_000_000, workers=1))
-    assert "--max-pixels=1000000" in items[0].error and "clean." not in items[0].error
-    assert items[1].error.startswith("extreme_aspect_ratio: ") and "--max-aspect-ratio=4" in items[1].error
+    decode = functools.partial(images.decode, size=32, mode="pad", max_pixels=1_000_000, style="cli")
+    proba, errors = inference.predict_stream(images.decode_many(decode, [big, line], workers=1), None, len(CLASSES))
+    assert "--max-pixels=1000000" in errors[0] and "clean." not in errors[0]
+    assert errors[1].startswith("extreme_aspect_ratio: ") and "--max-aspect-ratio=4" in errors[1]
 
 
 @pytest.mark.parametrize("where", ["under-a-file", "unwritable"])
@@ -588,7 +592,7 @@ def test_unwritable_out_fails_before_any_image_is_decoded(tmp_path, capsys, monk
     (tmp_path / "afile").write_text("x")
     out = tmp_path / "afile" / "preds.csv" if where == "under-a-file" else Path("/sys/cxr-test/preds.csv")
     decoded = []
-    monkeypatch.setattr(predict, "decode_many", lambda *a, **k: decoded.append(a) or iter(()))
+    monkeypatch.setattr(images, "decode_many", lambda *a, **k: decoded.append(a) or iter(()))
     with pytest.raises(SystemExit) as exc:
         predict.main([str(tmp_path / "scans"), "--model", str(model), "--out", str(out)])
     assert exc.value.code == 2

@@ -1,4 +1,5 @@
 """`python -m cxr predict` on real image files with a real (tiny, saved and reloaded) Keras model."""
+import functools
 import io
 import json
 import os
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr import predict  # light: the decoding workers import this module too (crashing_decoder)
+from cxr import gradcam, images, predict  # light: the decoding workers import this module too (crashing_decoder)
 from cxr.errors import UserError
 from cxr.images import decode
 
@@ -61,7 +62,7 @@ def _randomise(model, seed: int = 0) -> None:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Images (good, bad, nested), a saved model with its info and operating point sidecars."""
-    from cxr import evaluation, models, training
+    from cxr import inference, modelinfo, models
 
     root = tmp_path_factory.mktemp("predict")
     scans = root / "scans"
@@ -91,11 +92,11 @@ def world(tmp_path_factory):
     _randomise(model)
     path = root / "models" / "m.keras"
     info = {"classes": CLASSES, "positive": "COVID", "image_size": SIZE, "resize": "pad", "arch": "mobilenetv2", "dataset": "demo"}
-    training.save(model, path, info)
+    modelinfo.save(model, path, info)
     model = models.load(path)
     good = [scans / "nested" / "deeper" / "p4.PNG", scans / "nested" / "p1.png", scans / "nested" / "p16.png",
             scans / "p1.png", scans / "p2.jpg", odd]
-    proba = evaluation.predict_proba(model, np.stack([decode(f, SIZE, "pad") for f in good]))
+    proba = inference.probabilities(model, np.stack([decode(f, SIZE, "pad") for f in good]))
     threshold = float(np.median(proba[:, 0]))  # some files on each side
     (path.parent / "m.operating_point.json").write_text(json.dumps({"class": "COVID", "threshold": threshold, "by": "sensitivity", "target": 0.95}))
     return {"root": root, "scans": scans, "bad": bad, "odd": odd, "model_path": path, "model": model,
@@ -118,59 +119,65 @@ def _read(text_or_path):
 
 def test_collect_inputs_sorted_recursive_filtered(world):
     scans, odd = world["scans"], world["odd"]
-    files = predict.collect_inputs([odd, scans, scans / "p1.png"])  # duplicates collapse
+    files = images.find_images([odd, scans, scans / "p1.png"])  # duplicates collapse
     assert files == sorted(files)
     assert set(files) == set(world["good"])   # .txt, hidden file and hidden folder skipped; scan.data kept
-    assert predict.collect_inputs([scans / "notes.txt"]) == [scans / "notes.txt"]  # named: always tried
+    assert images.find_images([scans / "notes.txt"]) == [scans / "notes.txt"]  # named: always tried
     with pytest.raises(UserError, match="no such file"):
-        predict.collect_inputs([scans, world["root"] / "missing.png"])
+        images.find_images([scans, world["root"] / "missing.png"])
     (world["root"] / "empty").mkdir(exist_ok=True)
     with pytest.raises(UserError, match="no image files"):
-        predict.collect_inputs([world["root"] / "empty"])
+        images.find_images([world["root"] / "empty"])
 
 
 def test_gradcam_names_unique_and_readable():
     files = [Path("a/x.png"), Path("b/x.png"), Path("b/x.jpg"), Path("b/y.png"), Path("b/c/z.tif")]
-    names = predict.gradcam_names(files)
+    names = gradcam.overlay_names(files)
     assert len(set(names)) == len(names)
     assert names[3] == "y.png" and names[4] == "z.png"
     assert names[0] == "a__x.png" and names[1] == "b__x_png.png" and names[2] == "b__x_jpg.png"
 
 
+def _why(item):
+    return None if item.error is None else (item.error.reason, item.error.detail)
+
+
 def test_decode_many_parallel_equals_serial_in_order(world):
     files = world["good"] + sorted(world["bad"].iterdir())
-    serial = list(predict.decode_many(files, SIZE, "pad", workers=1))
-    parallel = list(predict.decode_many(files, SIZE, "pad", workers=2, ahead=2, chunk=1))
+    fn = functools.partial(decode, size=SIZE, mode="pad")
+    serial = list(images.decode_many(fn, files, workers=1))
+    parallel = list(images.decode_many(fn, files, workers=2, ahead=2, chunk=1))
     assert [it.index for it in parallel] == list(range(len(files)))
     for s, p in zip(serial, parallel):
-        assert s.path == p.path and s.error == p.error
-        assert (s.pixels is None and p.pixels is None) or np.array_equal(s.pixels, p.pixels)
-    small = list(predict.decode_many(world["good"][:2], SIZE, max_pixels=1000, workers=2))
-    assert all(it.error.startswith("decompression_bomb: ") for it in small)
+        assert s.job == p.job and _why(s) == _why(p)
+        assert (s.value is None and p.value is None) or np.array_equal(s.value, p.value)
+    assert sum(it.error is not None for it in parallel) == 4
+    small = list(images.decode_many(functools.partial(decode, size=SIZE, max_pixels=1000), world["good"][:2], workers=2))
+    assert all(it.error.reason == "decompression_bomb" for it in small)
 
 
-def crashing_decoder(path, size, mode, max_pixels):
+def crashing_decoder(path):
     """A decoder that kills its process on one file (as a decoder crash or the OOM killer would)."""
     if Path(path).name == "p2.jpg":
         os._exit(1)
-    return decode(path, size, mode, max_pixels)
+    return decode(path, SIZE)
 
 
 def test_decode_many_survives_a_dying_worker(world):
     files = world["good"]
-    items = list(predict.decode_many(files, SIZE, workers=2, chunk=2, decoder=crashing_decoder))
-    assert [it.path for it in items] == files
+    items = list(images.decode_many(crashing_decoder, files, workers=2, chunk=2))
+    assert [it.job for it in items] == files
     for it in items:
-        if it.path.name == "p2.jpg":
-            assert it.pixels is None and it.error.startswith("decoder_crashed: ")
+        if it.job.name == "p2.jpg":
+            assert it.value is None and it.error is images.CRASHED and it.error.reason == "decoder_crashed"
         else:
-            assert it.error is None and np.array_equal(it.pixels, decode(it.path, SIZE))
+            assert it.error is None and np.array_equal(it.value, decode(it.job, SIZE))
 
 
 # --- the command ---------------------------------------------------------------------------------
 
 def test_cli_predicts_good_files_and_reports_bad_ones(world, tmp_path):
-    from cxr import evaluation
+    from cxr import inference
 
     out, cams = tmp_path / "preds.csv", tmp_path / "cams"
     proc = _cli("predict", world["scans"], world["bad"], world["odd"], "--model", world["model_path"],
@@ -197,7 +204,7 @@ def test_cli_predicts_good_files_and_reports_bad_ones(world, tmp_path):
     good = rows.loc[[str(p) for p in world["good"]]]           # the 16-bit PNG among them
     assert (good["error"] == "").all()
     proba = good[["p_COVID", "p_Normal", "p_Viral Pneumonia"]].astype(float).to_numpy()
-    reference = evaluation.predict_proba(world["model"], np.stack([decode(p, SIZE, "pad") for p in world["good"]]))
+    reference = inference.probabilities(world["model"], np.stack([decode(p, SIZE, "pad") for p in world["good"]]))
     np.testing.assert_allclose(proba, reference, atol=1e-6, rtol=0)
     assert good["prediction"].tolist() == [CLASSES[k] for k in reference.argmax(axis=1)]
     called = np.where(proba[:, 0] >= world["threshold"], "COVID-positive", "COVID-negative")

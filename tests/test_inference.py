@@ -1,0 +1,84 @@
+"""cxr.inference and the Grad-CAM renderer on a real (tiny) Keras model and real arrays."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxr import gradcam, images, inference, panels
+
+CLASSES = ["COVID", "Normal", "Viral Pneumonia"]
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def model():
+    from cxr import models
+
+    return models.build("mobilenetv2", len(CLASSES), SIZE, "none", alpha=0.35)
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    return np.random.default_rng(0).integers(0, 256, (7, SIZE, SIZE), dtype=np.uint8)
+
+
+def test_forward_equals_model_predict_for_any_batch_size(model, pixels):
+    expected = model.predict(pixels[..., None].astype(np.float32), verbose=0)
+    run = inference.forward(model)
+    for bs in (1, 3, 64):
+        got = inference.probabilities(model, pixels, batch_size=bs, forward_fn=run)
+        assert got.dtype == np.float32 and got.shape == (7, 3)
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert inference.probabilities(model, pixels[:0]).shape == (0, 3)
+
+
+def test_predict_stream_keeps_order_and_errors(model, pixels):
+    error = images.DecodeError("not_an_image", "Pillow cannot\nidentify it")
+    items = [images.Item(i, Path(f"x{i}.png"), None if i == 2 else pixels[i], error if i == 2 else None) for i in range(7)]
+    seen = []
+    proba, errors = inference.predict_stream(reversed(items), inference.forward(model), 3, batch_size=2,
+                                             on_batch=lambda idx, x, p: seen.append((idx, x.shape, p.shape)))
+    assert errors == ["", "", "not_an_image: Pillow cannot identify it", "", "", "", ""]
+    assert np.isnan(proba[2]).all() and np.isfinite(np.delete(proba, 2, axis=0)).all()
+    np.testing.assert_allclose(np.delete(proba, 2, axis=0), inference.probabilities(model, np.delete(pixels, 2, axis=0)), atol=1e-6)
+    assert [len(idx) for idx, _, _ in seen] == [2, 2, 2] and sorted(i for idx, _, _ in seen for i in idx) == [0, 1, 3, 4, 5, 6]
+
+
+def test_prediction_table_columns_rows_and_triage():
+    proba = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [np.nan, np.nan, np.nan], [0.3, 0.3, 0.4]], np.float32)
+    errors = ["", "", "unreadable: truncated", ""]
+    op = {"class": "COVID", "threshold": 0.3}
+    table = inference.prediction_table(["a", "b", "c", "d"], proba, CLASSES, op, errors=errors)
+    assert list(table.columns) == ["path", "prediction", "p_COVID", "p_Normal", "p_Viral Pneumonia", "triage", "error"]
+    assert table["prediction"].tolist() == ["COVID", "Normal", "", "Viral Pneumonia"]
+    assert table["triage"].tolist() == ["COVID-positive", "COVID-negative", "", "COVID-positive"]   # 0.3 >= 0.3
+    assert table["error"].tolist() == errors and table["p_COVID"].dtype == np.float32
+    assert np.isnan(table.loc[2, "p_COVID"])
+    # NaN from the model itself: an error row, never a triage call
+    broken = inference.prediction_table(["a"], proba[2:3], CLASSES, op, key="file")
+    assert list(broken.columns)[0] == "file" and broken["triage"].tolist() == [""]
+    assert broken["error"].iloc[0].startswith("non_finite_output: ")
+    assert (inference.prediction_table(["a"], proba[:1], CLASSES)["triage"] == "").all()
+
+
+def test_render_is_a_pure_rgb_array():
+    image = np.tile(np.arange(0, 256, 8, dtype=np.uint8), (SIZE, 1))
+    cam = np.zeros((SIZE, SIZE), np.float32)
+    cam[8:16, 8:16] = 1.0
+    rgb = panels.render(image, cam, 0.4, "COVID p=0.900\nsecond line")
+    assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+    assert rgb.shape[1] == panels.MIN_SIDE and rgb.shape[0] > panels.MIN_SIDE      # upscaled, under a title bar
+    assert 0 <= rgb.min() and rgb.max() <= 255 and rgb.min() < rgb.max()
+    np.testing.assert_array_equal(rgb, panels.render(image, cam, 0.4, "COVID p=0.900\nsecond line"))
+    plain = panels.overlay(image, cam, 0.0)
+    np.testing.assert_array_equal(plain[..., 0], image)                            # alpha 0: the X-ray itself
+
+
+def test_heatmaps_and_overlay_files(model, pixels, tmp_path):
+    cams = gradcam.heatmaps(model, pixels, np.zeros(len(pixels), np.int32), batch_size=3)
+    assert cams.shape == pixels.shape and cams.min() >= 0 and cams.max() <= 1
+    proba = inference.probabilities(model, pixels[:2])
+    proba[1] = np.nan
+    files = [tmp_path / "a.png", tmp_path / "b.png"]
+    gradcam.write_overlays(model, pixels[:2], proba, CLASSES, {"class": "COVID", "threshold": 0.5}, files)
+    assert files[0].is_file() and not files[1].exists()                            # no picture for a NaN row
