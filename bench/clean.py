@@ -21,7 +21,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--limit", type=int, default=0, help="decode at most N images")
     args = ap.parse_args()
-    p = params.load()
+    p = params.load(sources=sources.SOURCES)
     name = args.dataset or p["dataset"]
     ds = {"name": name, **p["datasets"][name]}
     raw = find_local(name, os.environ.get("CXR_DATA_DIR")) or Path("data/raw")

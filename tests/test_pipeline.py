@@ -237,11 +237,13 @@ def test_killed_training_leaves_the_previous_metrics_whole(demo_copy):
     proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=demo_copy, env=e,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while not list((demo_copy / "metrics").glob(".train.*/metrics.json")):  # dvclive has logged an epoch
+        for _ in range(1500):  # a guard against a hung stage (5 min), not a speed check
+            if list((demo_copy / "metrics").glob(".train.*/metrics.json")):  # dvclive has logged an epoch
+                break
             assert proc.poll() is None, "train stopped before logging an epoch"
-            assert time.monotonic() < deadline, "no epoch logged in 300 s"
             time.sleep(0.2)
+        else:
+            pytest.fail("train logged no epoch: it hangs")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
