@@ -169,6 +169,7 @@ def test_greedy_soup_averages_the_members_that_help_and_leaves_out_a_bad_one():
     assert summary["val_macro_roc_auc"] >= max(r[0]["val_macro_roc_auc"] for r in runs) - 1e-9
 
 
+@pytest.mark.slow  # trains for tens of seconds
 def test_finetune_members_share_the_cache_and_are_deterministic(tmp_path):
     s = _splits()
     p = _params(**{"finetune.unfreeze_from": "block_15", "finetune.views": 1, "finetune.members": 2})
