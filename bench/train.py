@@ -46,9 +46,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             from dvclive import Live
 
-            logger = Live(dir=tmp, dvcyaml=False, save_dvc_exp=False, report=None)
+            live = Live(dir=tmp, dvcyaml=False, save_dvc_exp=False, report=None)
             t0 = time.perf_counter()
-            model, summary = training.baseline(p, ds["classes"], splits, logger)
+            model, summary = training.baseline(p, ds["classes"], splits, live)
             total = time.perf_counter() - t0
         per_epoch = summary["seconds_per_epoch"]
         extra = f"; one-off feature pass {summary['feature_cache_seconds']:.1f}s" if cache else " (augmentation on)"
@@ -65,9 +65,9 @@ def main() -> None:
         training.save(baseline_model, path, training.model_info(p, ds["classes"], ds["positive"]))
         for v in (views, 0):
             p["finetune"]["views"] = v
-            logger = Live(dir=f"{tmp}/live{v}", dvcyaml=False, save_dvc_exp=False, report=None)
+            live = Live(dir=f"{tmp}/live{v}", dvcyaml=False, save_dvc_exp=False, report=None)
             t0 = time.perf_counter()
-            _, summary = training.finetune(p, ds["classes"], splits, path, logger)
+            _, summary = training.finetune(p, ds["classes"], splits, path, live)
             total = time.perf_counter() - t0
             per_epoch = summary["seconds_per_epoch"]
             how = (f"cache of {v + 1} views at {p['finetune']['unfreeze_from']}: one-off pass {summary['cache_seconds']:.1f}s = "

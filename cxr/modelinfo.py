@@ -40,6 +40,25 @@ def save(model, path: Path, info: dict) -> None:
     atomic.write_json(info_path(path), info)
 
 
+def fingerprint(init: str) -> dict:
+    """The record `train` depends on for `model.init`: the file's path, size and sha256 (so a changed source
+    model reruns training), or none."""
+    import hashlib
+
+    if init == "none":
+        return {"init": "none"}
+    path = Path(init).expanduser()
+    check_model_file(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    side = info_path(path)
+    if side.is_file():
+        digest.update(side.read_bytes())
+    return {"init": str(path), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
 def check_model_file(model_path: Path) -> None:
     """A model file that exists and is one: a .keras archive (a zip), or a legacy HDF5 .h5 file."""
     model_path = Path(model_path)

@@ -95,9 +95,19 @@ def backbone(arch: str, image_size: int, weights: str, alpha: float = 1.0) -> ke
     return net
 
 
+def pretrained(model_params: dict) -> bool:
+    """Whether the backbone starts from trained weights (ImageNet, a weights file, or `model.init`): then its
+    BatchNorm statistics are kept (inference mode), also when fine-tuning."""
+    return model_params["weights"] != "none" or model_params.get("init", "none") != "none"
+
+
 def build(arch: str, num_classes: int, image_size: int, weights: str = "imagenet", alpha: float = 1.0, dropout: float = 0.2,
-          l2: float = 0.0) -> keras.Model:
-    """The full classifier with a frozen backbone (the baseline's starting point); `l2` regularises the head."""
+          l2: float = 0.0, init: str = "none") -> keras.Model:
+    """The full classifier with a frozen backbone (the baseline's starting point); `l2` regularises the head.
+    With `init` (a model saved by this project) the backbone starts from that model's, not from `weights`:
+    see initialise_from."""
+    if init != "none":
+        weights = "none"  # overwritten by initialise_from; no ImageNet download for nothing
     net = backbone(arch, image_size, weights, alpha)
     net.trainable = False
     inputs = keras.Input((image_size, image_size, 1), name="image")
@@ -107,12 +117,35 @@ def build(arch: str, num_classes: int, image_size: int, weights: str = "imagenet
         x = layer(x)
     # Pretrained BatchNorm statistics are kept: the backbone always runs in inference mode. Without
     # pretrained weights there are no statistics worth keeping, and BatchNorm trains when unfrozen.
-    x = net(x, training=False) if weights != "none" else net(x)
+    x = net(x, training=False) if weights != "none" or init != "none" else net(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
     reg = keras.regularizers.L2(l2) if l2 else None
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", kernel_regularizer=reg, name="predictions")(x)
     return keras.Model(inputs, outputs, name=f"cxr_{arch}")
+
+
+def initialise_from(model: keras.Model, source: str | Path, classes: list[str]) -> dict:
+    """Transfer (`model.init`): copy the backbone's weights from a model this project saved (e.g. the
+    radiography model into the binary ieee8023 model), and its head too when it was trained on the same
+    classes in the same order. The source must have the same architecture and input size; anything else is
+    one UserError naming the params involved. Returns what was copied."""
+    from . import modelinfo
+
+    info = modelinfo.read_info(Path(source))
+    src = load(source)
+    mine, theirs = get_backbone(model), get_backbone(src)
+    shapes = lambda net: [tuple(w.shape) for w in net.weights]  # noqa: E731
+    if info.get("arch") not in (None, model.name.removeprefix("cxr_")) or shapes(mine) != shapes(theirs) \
+            or src.input_shape[1:] != model.input_shape[1:]:
+        raise UserError(f"model.init: {source} is a {info.get('arch')} model for {info.get('image_size')} px images; "
+                        f"it cannot start this one (model.arch={model.name.removeprefix('cxr_')}, model.alpha and "
+                        f"clean.image_size={model.input_shape[1]} must match it)")
+    mine.set_weights(theirs.get_weights())
+    same_head = list(info["classes"]) == list(classes)
+    if same_head:
+        model.get_layer("predictions").set_weights(src.get_layer("predictions").get_weights())
+    return {"backbone": 1, "head": int(same_head)}
 
 
 def get_backbone(model: keras.Model) -> keras.Model:

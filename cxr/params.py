@@ -175,6 +175,9 @@ def _validate(p: dict, sources: dict | None) -> None:
         _fail("model.alpha", f"one of {', '.join(map(str, MOBILENETV2_IMAGENET_ALPHAS))} with model.weights=imagenet "
               "(or model.weights=none)", alpha)
     _float(p, "model.dropout", 0, 1, hi_open=True)
+    init = _get(p, "model.init")
+    if not isinstance(init, str) or not init or (init != "none" and not Path(init).expanduser().is_file()):
+        _fail("model.init", "none, or an existing .keras model saved by this project (e.g. another dataset's models/finetuned.keras)", init)
 
     for stage in ("train", "finetune"):
         _int(p, f"{stage}.seed", 0)

@@ -4,6 +4,7 @@ from pathlib import Path
 PARAMS = Path("params.yaml")
 
 SOURCE = Path("data/source.json")    # source: where the dataset comes from, fingerprinted
+INIT = Path("data/init.json")        # source: the model `model.init` starts from, fingerprinted
 RAW = Path("data/raw")                 # download: the dataset as published
 CLEAN = Path("data/clean")             # clean: image shards + manifest.csv
 CLEAN_MANIFEST = CLEAN / "manifest.csv"

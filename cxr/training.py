@@ -130,7 +130,7 @@ def _logistic_reference(train_x, train_y, val_x, val_y, positive: int, specifici
     return {f"val_{k}": round(v, 6) for k, v in s.items()}
 
 
-def baseline(p: dict, classes: list[str], splits: dict[str, data.Subset], logger, positive: int = 0) -> tuple[object, dict]:
+def baseline(p: dict, classes: list[str], splits: dict[str, data.Subset], live, positive: int = 0) -> tuple[object, dict]:
     """Build the frozen-backbone model and train its head to convergence: Adam with cosine decay, L2 on the
     head, class weights, early stopping on validation loss. With train.feature_cache the backbone runs once
     over train and val (no augmentation) and the head trains on the cached pooled features; a logistic
@@ -145,10 +145,13 @@ def baseline(p: dict, classes: list[str], splits: dict[str, data.Subset], logger
     size = splits["train"].images.shape[1]
     with strategy.scope():
         model = models.build(p["model"]["arch"], len(classes), size, p["model"]["weights"], p["model"]["alpha"],
-                             p["model"]["dropout"], l2=cfg["l2"])
+                             p["model"]["dropout"], l2=cfg["l2"], init=p["model"]["init"])
     tr, va = splits["train"], splits["val"]
     spec = BASELINE_SPECIFICITY
     summary: dict = {}
+    if p["model"]["init"] != "none":
+        summary["init"] = models.initialise_from(model, p["model"]["init"], classes)
+        log.info("started from %s: backbone copied%s", p["model"]["init"], ", head too (same classes)" if summary["init"]["head"] else "")
     if cfg["feature_cache"]:
         t0 = time.perf_counter()
         extractor = models.feature_extractor(model)
@@ -171,7 +174,7 @@ def baseline(p: dict, classes: list[str], splits: dict[str, data.Subset], logger
                         cfg["patience"], class_weight=class_weight, start_is_candidate=False)
     t0 = time.perf_counter()
     trained.fit(**fit_data, epochs=cfg["epochs"], class_weight=class_weight,
-                callbacks=[selector.callback(trained), DVCLiveCallback(live=logger)], verbose=0)
+                callbacks=[selector.callback(trained), DVCLiveCallback(live=live)], verbose=0)
     seconds = time.perf_counter() - t0
     summary = {**selector.restore(trained), **summary}
     summary["seconds_per_epoch"] = seconds / max(1, summary["epochs_run"])
@@ -265,7 +268,7 @@ def fit_temperature(proba: np.ndarray, labels: np.ndarray) -> float:
     return best if nll(best) < nll(1.0) else 1.0
 
 
-def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_model_path: Path, logger, positive: int = 0) -> tuple[object, dict]:
+def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_model_path: Path, live, positive: int = 0) -> tuple[object, dict]:
     """Fine-tune the baseline from block `finetune.unfreeze_from` up (BatchNorm frozen for pretrained weights)
     with AdamW, linear warm-up then cosine decay, label smoothing, class weights and augmentation. With
     `finetune.views` > 0 the frozen lower backbone runs once per view (the un-augmented image and `views`
@@ -288,7 +291,7 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
     class_weight = class_weights(tr.labels, k, p["train"]["class_weight"])
     with strategy.scope():
         model = models.load(base_model_path)
-        n = models.unfreeze_from(model, cfg["unfreeze_from"], freeze_batchnorm=p["model"]["weights"] != "none")
+        n = models.unfreeze_from(model, cfg["unfreeze_from"], freeze_batchnorm=models.pretrained(p["model"]))
     log.info("fine-tuning %d backbone layers with weights, from %s up", n, cfg["unfreeze_from"])
     t0 = time.perf_counter()
     if cfg["views"]:
@@ -326,7 +329,7 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
                         jit_compile=runtime["xla"])
         selector = Selector(lambda: trained.predict(val_x, batch_size=bs, verbose=0), va.labels, positive,
                             cfg["monitor"], cfg["monitor_specificity"], cfg["patience"], class_weight=class_weight)
-        callbacks = [selector.callback(trained)] + ([DVCLiveCallback(live=logger)] if member == 0 else [])
+        callbacks = [selector.callback(trained)] + ([DVCLiveCallback(live=live)] if member == 0 else [])
         trained.fit(**fit_data, epochs=cfg["epochs"], callbacks=callbacks, verbose=0)
         runs.append((selector.restore(trained), trained.get_weights(), selector))
         if cfg["members"] > 1:
@@ -364,16 +367,16 @@ def run_stage(stage: str) -> None:
     classes = ds["classes"]
     splits = data.load_splits(classes)
     with atomic.atomic_dir(paths.METRICS / stage) as tmp:
-        logger = Live(dir=str(tmp), dvcyaml=False, save_dvc_exp=False, report=None)
+        live = Live(dir=str(tmp), dvcyaml=False, save_dvc_exp=False, report=None)
         if stage == "train":
-            model, summary = baseline(p, classes, splits, logger, classes.index(ds["positive"]))
+            model, summary = baseline(p, classes, splits, live, classes.index(ds["positive"]))
         else:
-            model, summary = finetune(p, classes, splits, paths.BASELINE, logger, classes.index(ds["positive"]))
+            model, summary = finetune(p, classes, splits, paths.BASELINE, live, classes.index(ds["positive"]))
         save(model, out, model_info(p, classes, ds["positive"]))
         timing = {k: round(summary.pop(k), 2) for k in list(summary) if "seconds" in k}
-        logger.summary["epochs_run"] = summary.pop("epochs_run")
-        logger.summary["best"] = {"epoch": summary.pop("best_epoch"), **summary}
-        logger.summary["seconds"] = timing
-        logger.make_summary()
-    log.info("%s: best epoch %s of %s, %s; %s; stage %.1fs", stage, logger.summary["best"]["epoch"], logger.summary["epochs_run"],
+        live.summary["epochs_run"] = summary.pop("epochs_run")
+        live.summary["best"] = {"epoch": summary.pop("best_epoch"), **summary}
+        live.summary["seconds"] = timing
+        live.make_summary()
+    log.info("%s: best epoch %s of %s, %s; %s; stage %.1fs", stage, live.summary["best"]["epoch"], live.summary["epochs_run"],
              {k: v for k, v in summary.items() if k.startswith("val_")}, timing, time.perf_counter() - t0)

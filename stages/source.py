@@ -1,10 +1,11 @@
 """source: where the dataset comes from (Kaggle handle, generated demo, or the local copy under CXR_DATA_DIR with
 a fingerprint of its files) -> data/source.json. It runs on every `dvc repro` (always_changed: DVC cannot see an
 environment variable or files outside the project); `download` depends on the record, so it reruns only when the
-origin or the local copy changed."""
+origin or the local copy changed. It also fingerprints the model `model.init` starts from -> data/init.json, which
+`train` depends on, so a changed source model reruns training."""
 import logging
 
-from cxr import atomic, params, paths, sources
+from cxr import atomic, modelinfo, params, paths, sources
 from cxr.download import origin
 from cxr.errors import cli
 
@@ -17,6 +18,7 @@ def main() -> None:
     ds = params.dataset(p)
     record = origin(ds["name"], ds)
     atomic.write_json(paths.SOURCE, record)
+    atomic.write_json(paths.INIT, modelinfo.fingerprint(p["model"]["init"]))
     log.info("%s: %s%s", ds["name"], record["origin"], f" {record['path']} ({record['files']} files)" if "path" in record else "")
 
 

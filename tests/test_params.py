@@ -81,6 +81,8 @@ def test_round_trip_copy_is_valid(tmp_path, base):
     ("evaluate.specificity_at_sensitivity", [0.9, 0.9], "evaluate.specificity_at_sensitivity"),
     ("model.weights", "no/such/weights.h5", "model.weights"),
     ("model.alpha", 0.6, "model.alpha"),
+    ("model.init", "no/such/model.keras", "model.init"),
+    ("model.init", "", "model.init"),
 ])
 def test_bad_value_names_its_key(tmp_path, base, key, value, named):
     tree = copy.deepcopy(base)

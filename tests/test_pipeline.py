@@ -93,6 +93,26 @@ def test_finetune_then_train_params_rerun_what_depends_on_them(demo_copy):
     assert ran_stages(dvc(demo_copy, "repro").stdout) == ["train", "finetune", "evaluate", "gradcam"]
 
 
+@pytest.mark.slow
+def test_model_init_transfers_and_a_changed_source_model_reruns_training(demo_copy):
+    """model.init: train starts from another model's backbone (and head: same classes here); the source model is
+    fingerprinted by the `source` stage, so replacing the file reruns train, and an unchanged one does not."""
+    import json
+    import shutil
+
+    src = demo_copy / "transfer"
+    src.mkdir()
+    for suffix in (".keras", ".info.json"):
+        shutil.copy(demo_copy / f"models/finetuned{suffix}", src / f"start{suffix}")
+    set_params(demo_copy / "params.yaml", {"model.init": "transfer/start.keras"})
+    assert ran_stages(dvc(demo_copy, "repro").stdout) == ["train", "finetune", "evaluate", "gradcam"]
+    summary = json.loads((demo_copy / "metrics/train/metrics.json").read_text())
+    assert summary["best"]["init"] == {"backbone": 1, "head": 1}
+    assert ran_stages(dvc(demo_copy, "repro").stdout) == []
+    shutil.copy(demo_copy / "models/baseline.keras", src / "start.keras")  # the source model changed
+    assert ran_stages(dvc(demo_copy, "repro").stdout) == ["train", "finetune", "evaluate", "gradcam"]
+
+
 def test_finetuned_model_beats_chance_and_the_baseline(demo_repo):
     m = json.loads((demo_repo / "metrics/evaluate/finetuned.json").read_text())
     base = json.loads((demo_repo / "metrics/evaluate/baseline.json").read_text())

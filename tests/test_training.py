@@ -92,6 +92,46 @@ def test_finetune_keeps_start_when_no_epoch_improves(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_model_init_copies_the_backbone_and_a_matching_head(tmp_path):
+    from cxr import modelinfo
+
+    p = _params()
+    src = models.build("mobilenetv2", 3, 32, "none", alpha=0.35)
+    for w in src.get_layer("backbone").weights + src.get_layer("predictions").weights:
+        w.assign(np.random.default_rng(len(w.name)).normal(0, 0.1, w.shape).astype(w.dtype))
+    path = tmp_path / "src.keras"
+    modelinfo.save(src, path, modelinfo.model_info(p, CLASSES, "COVID"))
+    same = models.build("mobilenetv2", 3, 32, "imagenet", alpha=0.35, init=str(path))  # no download with init
+    assert models.initialise_from(same, path, CLASSES) == {"backbone": 1, "head": 1}
+    for a, b in zip(src.get_weights(), same.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    binary = models.build("mobilenetv2", 2, 32, "none", alpha=0.35, init=str(path))
+    head = binary.get_layer("predictions").get_weights()
+    assert models.initialise_from(binary, path, ["COVID-19", "non-COVID"]) == {"backbone": 1, "head": 0}
+    for a, b in zip(src.get_layer("backbone").get_weights(), binary.get_layer("backbone").get_weights()):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(head[0], binary.get_layer("predictions").get_weights()[0])
+    assert models.pretrained({"weights": "none", "init": str(path)})
+    wider = models.build("mobilenetv2", 3, 32, "none", alpha=0.5)
+    with pytest.raises(UserError, match="model.init: .* model.alpha"):
+        models.initialise_from(wider, path, CLASSES)
+
+
+def test_model_init_fingerprint_follows_the_file(tmp_path):
+    from cxr import modelinfo
+
+    assert modelinfo.fingerprint("none") == {"init": "none"}
+    src = models.build("mobilenetv2", 3, 32, "none", alpha=0.35)
+    path = tmp_path / "src.keras"
+    modelinfo.save(src, path, modelinfo.model_info(_params(), CLASSES, "COVID"))
+    first = modelinfo.fingerprint(str(path))
+    assert first["bytes"] == path.stat().st_size and modelinfo.fingerprint(str(path)) == first
+    path.with_suffix(".info.json").write_text('{"classes": ["a", "b"]}')
+    assert modelinfo.fingerprint(str(path))["sha256"] != first["sha256"]
+    with pytest.raises(UserError):
+        modelinfo.fingerprint(str(tmp_path / "missing.keras"))
+
+
 def test_unfreeze_from_a_block_keeps_batchnorm_frozen_for_pretrained_weights():
     m = models.build("mobilenetv2", 3, 32, "none", alpha=0.35)
     n = models.unfreeze_from(m, "block_15", freeze_batchnorm=True)
