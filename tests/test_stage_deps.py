@@ -67,3 +67,16 @@ def test_every_imported_project_file_is_a_declared_dep(name):
     assert script in deps, f"{name}: its own script {script} is not a dep"
     missing = transitive_imports(ROOT / script) - deps
     assert not missing, f"stage {name} imports {sorted(missing)} but dvc.yaml does not list them as deps"
+
+
+def test_both_models_are_registered_artifacts_labelled_with_arch_and_dataset():
+    """dvc.yaml's `artifacts:` (the model registry behind `dvc artifacts get`), read by DVC itself."""
+    import yaml
+    from dvc.repo import Repo
+
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    found = Repo(str(ROOT)).artifacts.read()["dvc.yaml"]
+    assert set(found) == {"baseline", "finetuned"}
+    for name, artifact in found.items():
+        assert artifact.type == "model" and artifact.path == f"models/{name}.keras"
+        assert {p["model"]["arch"], p["dataset"], name} <= set(artifact.labels)
