@@ -125,6 +125,9 @@ def report(y_true: np.ndarray, proba: np.ndarray, class_names: list[str], *, ece
     """Full metrics dict (overall, macro/weighted, per class, confusion) for argmax predictions."""
     y_true = np.asarray(y_true, dtype=int)
     proba = np.asarray(proba, dtype=float)
+    # a float32 softmax sums to 1 within ~1e-7, beyond sklearn's float64 tolerance (it warns "y_prob values do
+    # not sum to one"); renormalising in float64 changes no figure beyond that noise
+    proba = proba / np.where(proba.sum(axis=1, keepdims=True) > 0, proba.sum(axis=1, keepdims=True), 1.0)
     n, k = proba.shape
     if len(y_true) != n or len(class_names) != k:
         raise ValueError(f"shape mismatch: y_true {y_true.shape}, proba {proba.shape}, {len(class_names)} class names")

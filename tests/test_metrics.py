@@ -297,3 +297,16 @@ def test_selection_loss_is_weighted_like_training():
     weighted = m.selection_scores(y, proba, 1, 0.95, {0: 4 / 6, 1: 2.0})["loss"]
     assert plain == pytest.approx(-(3 * np.log(0.9) + np.log(0.6)) / 4)
     assert weighted == pytest.approx(-(3 * 4 / 6 * np.log(0.9) + 2.0 * np.log(0.6)) / (3 * 4 / 6 + 2.0))
+
+
+def test_report_of_a_float32_softmax_does_not_warn():
+    import warnings
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(200, 3)).astype(np.float32)
+    proba = (np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)).astype(np.float32)
+    proba[:, 0] += 2e-7  # what float32 rounding leaves
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = report(np.arange(200) % 3, proba, ["a", "b", "c"])
+    assert 0 < out["log_loss"] < 5
