@@ -599,3 +599,19 @@ def test_unwritable_out_fails_before_any_image_is_decoded(tmp_path, capsys, monk
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --out ") and "Traceback" not in err[0]
     assert decoded == []
+
+
+def test_atomic_outputs_get_the_users_usual_mode_not_private(tmp_path):
+    """mkstemp/mkdtemp make private (0600/0700) temporaries; what is renamed into place follows the umask."""
+    old = os.umask(0o022)
+    try:
+        atomic.write_text(tmp_path / "a.txt", "x")
+        with atomic.atomic_dir(tmp_path / "folder") as d:
+            (d / "inside.txt").write_text("y")
+        assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755
+        os.umask(0o077)
+        atomic.write_text(tmp_path / "a.txt", "z")
+        assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
