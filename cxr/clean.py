@@ -147,7 +147,10 @@ def _dedupe_clusters(items: list[Decoded], clusters: list[list[int]], reason: st
         for i in members if len(labels) > 1 else members[1:]:
             dropped.add(i)
             other = items[keep if i != keep else members[1]].record.file
-            if len(labels) > 1:
+            if other == items[i].record.file:  # one file named by two records (e.g. two metadata rows)
+                conflict = f", with labels {sorted(labels)}" if len(labels) > 1 else ""
+                drops.append(Drop(items[i].record.file, "listed_twice", f"the dataset's metadata names this file more than once{conflict}"))
+            elif len(labels) > 1:
                 drops.append(Drop(items[i].record.file, "conflicting_labels", f"same image as {other} with labels {sorted(labels)}"))
             else:
                 drops.append(Drop(items[i].record.file, reason, why(i, keep)))

@@ -260,3 +260,16 @@ def test_union_find_groups():
     uf.union(5, 2)
     groups = sorted(sorted(g) for g in uf.groups().values())
     assert groups == [[0], [1, 3, 4], [2, 5]]
+
+
+def test_a_file_listed_twice_is_not_a_duplicate_of_itself(tmp_path):
+    raw = tmp_path / "raw"
+    _put(raw, "a.png", _smooth(1))
+    _put(raw, "c.png", _smooth(2))
+    recs = [Record("a.png", "COVID", "a"), Record("a.png", "COVID", "a"), Record("c.png", "Normal", "c")]
+    out = tmp_path / "out"
+    out.mkdir()
+    summary, dropped = clean.run(raw, out, recs, [], CLASSES, _cfg())
+    assert list(zip(dropped["file"], dropped["reason"])) == [("a.png", "listed_twice")]
+    assert "more than once" in dropped["detail"][0]
+    assert summary["kept_by_class"] == {"COVID": 1, "Normal": 1}
