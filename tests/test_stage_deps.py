@@ -71,12 +71,16 @@ def test_every_imported_project_file_is_a_declared_dep(name):
 
 def test_both_models_are_registered_artifacts_labelled_with_arch_and_dataset():
     """dvc.yaml's `artifacts:` (the model registry behind `dvc artifacts get`), read by DVC itself."""
-    import yaml
-    from dvc.repo import Repo
+    import json
+    import subprocess
+    import sys
 
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    found = Repo(str(ROOT)).artifacts.read()["dvc.yaml"]
+    code = ("import json; from dvc.repo import Repo; "
+            "print(json.dumps({k: vars(a) for k, a in Repo('.').artifacts.read()['dvc.yaml'].items()}))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(found) == {"baseline", "finetuned"}
     for name, artifact in found.items():
-        assert artifact.type == "model" and artifact.path == f"models/{name}.keras"
-        assert {p["model"]["arch"], p["dataset"], name} <= set(artifact.labels)
+        assert artifact["type"] == "model" and artifact["path"] == f"models/{name}.keras"
+        assert {p["model"]["arch"], p["dataset"], name} <= set(artifact["labels"])
