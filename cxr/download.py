@@ -256,6 +256,27 @@ def origin(name: str, ds: dict) -> dict:
     return {"dataset": name, "origin": "local copy", "path": str(local.resolve()), **stat_fingerprint(local)}
 
 
+def external_origin(entry: dict) -> dict:
+    """Where an external set (an entry of params `external.sets`) is read from, as the `source` stage records it:
+    generated (with its settings), or a local copy under CXR_DATA_DIR (as for `download`) or a `folder` set's
+    path, with its resolved path and stat fingerprint; `missing` with the reason when the data is not there."""
+    src = entry["source"]
+    if src == "folder":
+        path = Path(entry["path"]).expanduser()
+        if not path.is_dir():
+            return {"source": src, "missing": f"{path} is not a folder"}
+    elif sources.get(src).generated:
+        return {"source": src, "origin": "generated", **{k: entry[k] for k in ("seed", "per_class", "size")}}
+    else:
+        try:
+            path = find_local(src, os.environ.get(ENV))
+        except UserError as err:
+            return {"source": src, "missing": str(err)}
+        if path is None:
+            return {"source": src, "missing": f"{ENV} is not set: put {src}/ or {src}.zip in a folder and set {ENV} to it"}
+    return {"source": src, "origin": "local copy", "path": str(path.resolve()), **stat_fingerprint(path)}
+
+
 def summarize_drops(drops: list[Drop]) -> dict:
     reasons: dict[str, int] = {}
     for d in drops:

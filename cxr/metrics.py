@@ -311,6 +311,18 @@ def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, statistics: dict[str, St
     return out
 
 
+def positive_roc_auc(positive: int) -> Statistic:
+    """ROC-AUC of class `positive`'s probability, that class against every other label (labels outside the
+    model's classes, such as -1 for "not positive", count as other); None where either side is empty."""
+
+    def auc(y, proba):
+        score = np.asarray(proba, dtype=float)[:, positive]
+        value = _fast_macro_roc_auc((np.asarray(y) == positive).astype(int), np.stack([1 - score, score], axis=1))
+        return None if math.isnan(value) else value
+
+    return auc
+
+
 def standard_statistics(positive: int, threshold: float | None = None) -> dict[str, Statistic]:
     """accuracy, sensitivity/specificity of class ``positive`` (argmax, or score >= threshold), macro_roc_auc."""
 

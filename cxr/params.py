@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
+import re
 from pathlib import Path
 
 import yaml
@@ -228,6 +229,66 @@ def _validate(p: dict, sources: dict | None) -> None:
         _fail("gradcam.class", "predicted or one of the dataset's classes", gc)
     _float(p, "gradcam.alpha", 0, 1)
     _int(p, "gradcam.min_side", 1)
+
+    _check_external(p, ds, sources)
+
+
+SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+SET_KEYS = {"folder": {"path"}, "demo": {"seed", "per_class", "size"}}   # beyond name, source and map
+
+
+def _check_external(p: dict, ds: str, sources: dict | None) -> None:
+    """The `external` section: the external sets (each checked whole, naming `external.sets[i].<key>`), the
+    subsample cap and the probes' box."""
+    _choice(p, "external.missing", ("skip", "error"))
+    _int(p, "external.max_images", 1)
+    _int(p, "external.seed", 0)
+    sets = _get(p, "external.sets")
+    if not isinstance(sets, list):
+        _fail("external.sets", "a list of sets (name, source, map)", sets)
+    names = set()
+    for i, entry in enumerate(sets):
+        key = f"external.sets[{i}]"
+        if not isinstance(entry, dict):
+            _fail(key, "a mapping with name, source and map", entry)
+        for k in ("name", "source", "map"):
+            if k not in entry:
+                raise UserError(f"params.yaml: missing key {key}.{k}")
+        name, source, mapping = entry["name"], entry["source"], entry["map"]
+        if not isinstance(name, str) or not SET_NAME.fullmatch(name) or name == "probes":
+            _fail(f"{key}.name", "a file name of letters, digits, '_', '.', '-' (not 'probes')", name)
+        if name in names:
+            _fail(f"{key}.name", "a name no other set has", name)
+        names.add(name)
+        known = ["folder", *sorted(sources)] if sources is not None else None
+        if not isinstance(source, str) or not source or (known is not None and source not in known):
+            _fail(f"{key}.source", "folder or a registered dataset" + (f" ({', '.join(known)})" if known else ""), source)
+        if not isinstance(mapping, dict) or not mapping or not all(
+                isinstance(a, str) and a and isinstance(b, str) and b for a, b in mapping.items()):
+            _fail(f"{key}.map", "a mapping of the set's labels to the model's classes or rest", mapping)
+        extra = SET_KEYS.get(source, set())
+        for k in sorted(set(entry) - {"name", "source", "map"} - extra):
+            raise UserError(f"params.yaml: unknown key {key}.{k} (a {source} set has name, source, map"
+                            + "".join(f", {e}" for e in sorted(extra)) + ")")
+        for k in sorted(extra - set(entry)):
+            raise UserError(f"params.yaml: missing key {key}.{k}")
+        if source == "folder" and (not isinstance(entry["path"], str) or not entry["path"]):
+            _fail(f"{key}.path", "a folder holding one folder per label", entry["path"])
+        if source == "demo":
+            for k, lo, hi in (("seed", 0, None), ("per_class", 1, None), ("size", 32, 2048)):
+                v = entry[k]
+                if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo or (hi is not None and v > hi):
+                    _fail(f"{key}.{k}", f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}", v)
+            if ds == "demo" and entry["seed"] == _get(p, "datasets.demo.seed"):
+                _fail(f"{key}.seed", "a seed other than datasets.demo.seed (the training data's)", entry["seed"])
+    box = _get(p, "external.probes.box")
+    if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, numbers.Real) and not isinstance(v, bool)
+                                                            and 0 <= v <= 1 for v in box)
+            and box[0] < box[2] and box[1] < box[3]):
+        _fail("external.probes.box", "[x0, y0, x1, y1], fractions of the image with x0 < x1 and y0 < y1", box)
+    fill = _get(p, "external.probes.fill")
+    if fill != "mean" and (isinstance(fill, bool) or not isinstance(fill, numbers.Integral) or not 0 <= fill <= 255):
+        _fail("external.probes.fill", "mean or a gray level in [0, 255]", fill)
 
 
 def load(path: str | Path = paths.PARAMS, sources: dict | None = None) -> dict:

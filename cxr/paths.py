@@ -23,6 +23,9 @@ CLEAN_METRICS = METRICS / "clean.json"
 CLEAN_DROPPED = REPORTS / "clean_dropped.csv"
 SPLIT_METRICS = METRICS / "split.json"
 TEST_PREDICTIONS = REPORTS / "test_predictions.csv"   # evaluate: the fine-tuned model on every test image
+EXTERNAL_SOURCE = Path("data/external.json")     # source: where each external set comes from, fingerprinted
+EXTERNAL_METRICS = METRICS / "external"          # external: <set>.json and probes.json
+EXTERNAL_PLOTS = PLOTS / "external"              # external: <set>.json, ROC points
 
 
 def sidecar(model_path: Path, kind: str) -> Path:

@@ -304,6 +304,26 @@ def demo(raw: Path, classes: list[str]) -> tuple[list[Record], list[Drop]]:
     return records, drops
 
 
+# --- any folder of class folders (external sets) --------------------------------------------------
+
+def class_folders(raw: Path) -> tuple[list[Record], list[Drop]]:
+    """`<label>/**/<image>`: the label is the top folder's name, each image its own group; files at the top
+    and non-image files are drops."""
+    raw = Path(os.path.normpath(raw))
+    files, drops = scan(raw)
+    records = []
+    for path in files:
+        rel = _rel(path, raw)
+        parts = path.relative_to(raw).parts
+        if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
+            drops.append(Drop(rel, "auxiliary_file", "not an image file"))
+        elif len(parts) < 2:
+            drops.append(Drop(rel, "unlabeled", "not inside a class folder"))
+        else:
+            records.append(Record(rel, parts[0], group=f"image-{rel}"))
+    return records, drops
+
+
 # --- the registry -------------------------------------------------------------------------------
 
 KAGGLE_HANDLE = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")

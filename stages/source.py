@@ -1,12 +1,13 @@
 """source: where the dataset comes from (Kaggle handle, generated demo, or the local copy under CXR_DATA_DIR with
 a fingerprint of its files) -> data/source.json. It runs on every `dvc repro` (always_changed: DVC cannot see an
 environment variable or files outside the project); `download` depends on the record, so it reruns only when the
-origin or the local copy changed. It also fingerprints the model `model.init` starts from -> data/init.json, which
-`train` depends on, so a changed source model reruns training."""
+origin or the local copy changed. Likewise for the external validation sets (params `external.sets`):
+data/external.json records where each one's data is, and `external` depends on it; and for the model
+`model.init` starts from: data/init.json fingerprints it, and `train` depends on that."""
 import logging
 
 from cxr import atomic, modelinfo, params, paths, sources
-from cxr.download import origin
+from cxr.download import external_origin, origin
 from cxr.errors import cli
 
 log = logging.getLogger("source")
@@ -19,6 +20,7 @@ def main() -> None:
     record = origin(ds["name"], ds)
     atomic.write_json(paths.SOURCE, record)
     atomic.write_json(paths.INIT, modelinfo.fingerprint(p["model"]["init"]))
+    atomic.write_json(paths.EXTERNAL_SOURCE, {e["name"]: external_origin(e) for e in p["external"]["sets"]})
     log.info("%s: %s%s", ds["name"], record["origin"], f" {record['path']} ({record['files']} files)" if "path" in record else "")
 
 

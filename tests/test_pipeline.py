@@ -18,7 +18,10 @@ STAGES = ["download", "clean", "split", "train", "finetune", "evaluate", "gradca
 
 def test_first_repro_runs_every_stage(demo_repo):
     log = (demo_repo / "first_repro.log").read_text()
-    assert ran_stages(log, with_source=True) == ["source"] + STAGES
+    ran = ran_stages(log, with_source=True)
+    # external comes after evaluate (it reads the operating point); its place beside gradcam is DVC's choice
+    assert [s for s in ran if s != "external"] == ["source"] + STAGES
+    assert ran.count("external") == 1 and ran.index("external") > ran.index("evaluate")
 
 
 def test_outputs(demo_repo):
@@ -80,17 +83,20 @@ def test_same_params_give_byte_identical_split(demo_copy):
 
 
 def test_evaluate_param_reruns_only_evaluate(demo_copy):
+    # and external, which reads the threshold evaluate saves, exactly when the threshold moved
+    before = (demo_copy / "models/finetuned.operating_point.json").read_text()
     set_params(demo_copy / "params.yaml", {"evaluate.operating_point.target": 0.9})
     proc = dvc(demo_copy, "repro")
-    assert ran_stages(proc.stdout) == ["evaluate"]
+    moved = (demo_copy / "models/finetuned.operating_point.json").read_text() != before
+    assert ran_stages(proc.stdout) == (["evaluate", "external"] if moved else ["evaluate"])
 
 
 @pytest.mark.slow
 def test_finetune_then_train_params_rerun_what_depends_on_them(demo_copy):
     set_params(demo_copy / "params.yaml", {"finetune.epochs": 2})
-    assert ran_stages(dvc(demo_copy, "repro").stdout) == ["finetune", "evaluate", "gradcam"]
+    assert sorted(ran_stages(dvc(demo_copy, "repro").stdout)) == sorted(["finetune", "evaluate", "gradcam", "external"])
     set_params(demo_copy / "params.yaml", {"train.learning_rate": 0.002})
-    assert ran_stages(dvc(demo_copy, "repro").stdout) == ["train", "finetune", "evaluate", "gradcam"]
+    assert sorted(ran_stages(dvc(demo_copy, "repro").stdout)) == sorted(["train", "finetune", "evaluate", "gradcam", "external"])
 
 
 @pytest.mark.slow
@@ -154,6 +160,7 @@ def test_evaluate_metrics_and_plots(demo_repo):
     dvc(demo_repo, "plots", "show", "-o", str(html))
     page = (html / "index.html").read_text()
     for title in ("Confusion matrix (fine-tuned, test)", "ROC one-vs-rest", "Precision-recall", "Calibration",
+                  "ROC of the positive class on an external set",
                   "Recall (sensitivity) per class", "Fine-tuning loss", "Baseline training loss", "Fine-tuning, validation"):
         assert title in page, title
     assert "covid.png" in page
@@ -168,6 +175,65 @@ def test_gradcam_outputs(demo_repo):
     assert loc["n"] > 0
     # the trained model's maps concentrate on the known lesions more than a uniform map would
     assert loc["energy_inside"] > loc["uniform_energy_inside"]
+
+
+def test_external_sets_and_probes(demo_repo):
+    ext = demo_repo / "metrics/external"
+    assert sorted(p.name for p in ext.iterdir()) == ["demo-seed1.json", "ieee8023.json", "probes.json"]
+    # no local copy of ieee8023 in the tests: skipped, saying why
+    skipped = json.loads((ext / "ieee8023.json").read_text())
+    assert list(skipped) == ["skipped"] and "CXR_DATA_DIR" in skipped["skipped"]
+    m = json.loads((ext / "demo-seed1.json").read_text())
+    c = m["counts"]
+    assert c["records"] == 120 and c["unmapped"] == 0 and c["undecodable"] == 0
+    assert c["records"] == c["unmapped"] + c["mapped"] == c["not_sampled"] + c["undecodable"] + c["scored"] + c["unmapped"]
+    assert c["scored"] == c["positive"] + c["other"] and c["positive"] == 40
+    pos = m["positive"]
+    assert pos["class"] == "COVID" and 0 <= pos["roc_auc"] <= 1 and 0 <= pos["sensitivity"] <= 1
+    threshold = json.loads((demo_repo / "models/finetuned.operating_point.json").read_text())["threshold"]
+    assert pos["threshold"] == pytest.approx(threshold, abs=1e-6)
+    assert pos["ci"]["roc_auc"]["low"] <= pos["roc_auc"] <= pos["ci"]["roc_auc"]["high"]
+    assert set(m["multiclass"]) == {"accuracy", "balanced_accuracy", "macro_roc_auc"}
+    # the demo's lesions are the signal: a set generated with another seed is still well above chance
+    assert pos["roc_auc"] >= 0.6 and m["multiclass"]["macro_roc_auc"] >= 0.6, m
+    probes = json.loads((ext / "probes.json").read_text())
+    internal = json.loads((demo_repo / "metrics/evaluate/finetuned.json").read_text())["test"]
+    assert probes["n"] == internal["n"] and probes["chance"] == {"balanced_accuracy": 0.3333, "macro_roc_auc": 0.5}
+    assert probes["unchanged"]["macro_roc_auc"] == pytest.approx(internal["macro"]["roc_auc"], abs=1e-3)
+    for probe in ("unchanged", "lungs_hidden", "lungs_only"):
+        assert all(0 <= probes[probe][k] <= 1 for k in ("accuracy", "balanced_accuracy", "macro_roc_auc")), probes
+    roc = json.loads((demo_repo / "plots/external/demo-seed1.json").read_text())
+    assert roc and {r["class"] for r in roc} == {"COVID"}
+    shown = json.loads(dvc(demo_repo, "metrics", "show", "--json").stdout)
+    assert "metrics/external/demo-seed1.json" in json.dumps(shown) and "metrics/evaluate/finetuned.json" in json.dumps(shown)
+
+
+def _chestxray_copy(root: Path, n: int = 6) -> Path:
+    """A tiny ieee8023 copy (metadata.csv + images/) under root/covid-chestxray/."""
+    folder = root / "covid-chestxray" / "images"
+    folder.mkdir(parents=True)
+    rows = ["patientid,finding,view,modality,filename"]
+    for i in range(2 * n):
+        finding = "Pneumonia/Viral/COVID-19" if i < n else "Pneumonia/Bacterial"
+        arr = np.random.default_rng(i).integers(0, 255, (80, 64), dtype=np.uint8)
+        Image.fromarray(arr).save(folder / f"x{i}.png")
+        rows.append(f"{i},{finding},PA,X-ray,x{i}.png")
+    (root / "covid-chestxray" / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_an_external_local_copy_reruns_only_external(demo_copy, tmp_path):
+    """DVC cannot see CXR_DATA_DIR: `source` records each external set's copy, so its appearing reruns
+    external alone, and an unchanged copy reruns nothing."""
+    local = {"CXR_DATA_DIR": str(_chestxray_copy(tmp_path / "copy"))}
+    assert ran_stages(dvc(demo_copy, "repro", extra_env=local).stdout) == ["external"]
+    m = json.loads((demo_copy / "metrics/external/ieee8023.json").read_text())
+    assert m["counts"]["scored"] == 12 and m["counts"]["positive"] == 6 and m["counts"]["other"] == 6
+    assert 0 <= m["positive"]["roc_auc"] <= 1
+    assert ran_stages(dvc(demo_copy, "repro", extra_env=local).stdout) == []
+    # gone again: skipped again
+    assert ran_stages(dvc(demo_copy, "repro").stdout) == ["external"]
+    assert "skipped" in json.loads((demo_copy / "metrics/external/ieee8023.json").read_text())
 
 
 @pytest.mark.slow

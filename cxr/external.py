@@ -1,0 +1,205 @@
+"""External validation: the fine-tuned model, unchanged, on other labelled sets (params `external.sets`).
+
+    set -> its data (locate: a local copy under CXR_DATA_DIR as download finds it, a folder, or generated)
+        -> records (the source's adapter, or class folders) -> labels mapped to the model's classes or `rest`
+           (labels the map leaves out are dropped and counted) -> a seeded subsample of `external.max_images`
+        -> images.decode at the model's own image_size/resize -> inference.predict_stream
+        -> positive-vs-rest figures at the saved triage threshold, with bootstrap CIs (metrics/external/<set>.json)
+
+The `source` stage records download.external_origin() of every set in data/external.json (DVC cannot see
+CXR_DATA_DIR or a folder outside the project), so `external` reruns exactly when a set's data changes.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from . import atomic, clean, demo, download, evaluation, images, inference, metrics, modelinfo, paths, probes, sources
+from .errors import UserError
+
+log = logging.getLogger("external")
+
+REST = "rest"        # a map target: not the model's positive class
+REST_INDEX = -1      # its label index: no model class, so it counts as "other" for every positive-vs-rest figure
+
+# How a registered source is read as an external set: every label it has (the set's map picks), and for
+# ieee8023 the frontal views. Independent of `datasets.<name>`, which configures training on that source.
+READ_AS = {
+    "covid-radiography": {"classes": list(sources.RADIOGRAPHY_CLASSES)},
+    "covid-chestxray": {"classes": ["COVID-19", "non-COVID"], "positive": "COVID-19", "views": ["PA", "AP", "AP Supine"]},
+    "demo": {"classes": list(demo.CLASSES)},
+}
+
+
+class Missing(Exception):
+    """A set whose data is not there (the reason is the message)."""
+
+
+# --- where a set's data is ------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def opened(entry: dict) -> Iterator[Path]:
+    """The set's data as a folder: a local folder in place; an archive extracted, or the demo generated, into a
+    temporary folder removed afterwards. Missing if the data is not there."""
+    record = download.external_origin(entry)
+    if "missing" in record:
+        raise Missing(record["missing"])
+    if record["origin"] == "local copy" and Path(record["path"]).is_dir():
+        yield Path(record["path"])
+        return
+    with tempfile.TemporaryDirectory(prefix="cxr-external-") as tmp:
+        root = Path(tmp) / "data"
+        if record["origin"] == "generated":
+            sources.get(entry["source"]).generate(root, {**{k: entry[k] for k in ("seed", "per_class", "size")}, "bad_files": False})
+        else:
+            root.mkdir()
+            download.safe_extract(Path(record["path"]), root)
+        yield root
+
+
+def records(entry: dict, root: Path) -> tuple[list[sources.Record], list[sources.Drop]]:
+    """The set's records (sorted by file) and the files its layout rejects."""
+    if entry["source"] == "folder":
+        recs, drops = sources.class_folders(root)
+    else:
+        recs, drops = sources.get(entry["source"]).records(root, READ_AS[entry["source"]])
+    return sorted(recs, key=lambda r: r.file), drops
+
+
+# --- labels ---------------------------------------------------------------------------------------
+
+def map_labels(recs: list, mapping: dict[str, str], classes: list[str], where: str = "external.sets[].map"
+               ) -> tuple[list, np.ndarray, dict[str, int]]:
+    """Each record's target: the index of the model class its label maps to, or REST_INDEX for `rest`.
+    Records whose label the map leaves out are dropped and counted per label (never silently).
+    Returns (kept records, targets, {unmapped label: count})."""
+    bad = sorted({t for t in mapping.values() if t != REST and t not in classes})
+    if bad:
+        raise UserError(f"params.yaml: {where} maps to {bad[0]!r}, neither one of the model's classes "
+                        f"({', '.join(classes)}) nor {REST}")
+    kept, targets, unmapped = [], [], {}
+    for r in recs:
+        target = mapping.get(r.label)
+        if target is None:
+            unmapped[r.label] = unmapped.get(r.label, 0) + 1
+            continue
+        kept.append(r)
+        targets.append(REST_INDEX if target == REST else classes.index(target))
+    return kept, np.array(targets, dtype=int), dict(sorted(unmapped.items()))
+
+
+def subsample(n: int, cap: int, seed: int) -> np.ndarray:
+    """Indices (sorted) of at most `cap` of `n` items: all of them, or a seeded sample without replacement."""
+    if n <= cap:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False))
+
+
+# --- figures --------------------------------------------------------------------------------------
+
+def positive_figures(targets: np.ndarray, proba: np.ndarray, pos: int, threshold: float, ev: dict) -> dict:
+    """Class `pos` against the rest: ROC-AUC of its probability, sensitivity/specificity/PPV/NPV at the triage
+    `threshold`, and the fixed-rate readings of `evaluate` (ev: params `evaluate`), with bootstrap CIs."""
+    stats = {"roc_auc": metrics.positive_roc_auc(pos),
+             **{k: f for k, f in metrics.standard_statistics(pos, threshold).items() if k in ("sensitivity", "specificity")},
+             **metrics.fixed_rate_statistics(pos, ev["sensitivity_at_specificity"], ev["specificity_at_sensitivity"])}
+    at = metrics.operating_point(targets == pos, proba[:, pos], threshold)
+    out = {"threshold": round(threshold, 6), "roc_auc": metrics._clean(stats["roc_auc"](targets, proba)),
+           **{k: at[k] for k in ("sensitivity", "specificity", "ppv", "npv")},
+           **{k: metrics._clean(stats[k](targets, proba)) for k in stats if k not in ("roc_auc", "sensitivity", "specificity")}}
+    boot = ev["bootstrap"]
+    if boot["resamples"] and len(targets):
+        out["ci"] = metrics.bootstrap_ci(targets, proba, stats, resamples=boot["resamples"], seed=boot["seed"], level=boot["level"])
+    return out
+
+
+def summary(targets: np.ndarray, proba: np.ndarray, classes: list[str], positive: str, threshold: float, ev: dict) -> dict:
+    """The metrics of one set: `positive` (see positive_figures), and `multiclass` (accuracy, balanced accuracy,
+    macro ROC-AUC over the model's classes) when every label maps to a class, none to rest."""
+    pos = classes.index(positive)
+    out = {"positive": {"class": positive, **positive_figures(targets, proba, pos, threshold, ev)}}
+    if len(targets) and (targets != REST_INDEX).all():
+        rep = metrics.report(targets, proba, classes)
+        out["multiclass"] = {"accuracy": rep["accuracy"], "balanced_accuracy": rep["balanced_accuracy"],
+                             "macro_roc_auc": rep["macro"]["roc_auc"]}
+    return out
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+def score_set(entry: dict, forward_fn, info: dict, op: dict, cfg: dict, ev: dict, clean_cfg: dict) -> tuple[dict, list[dict]]:
+    """One set through the model: (its metrics with counts that add up, ROC points of the positive class)."""
+    classes = info["classes"]
+    if entry["source"] == info.get("dataset") and not sources.get(entry["source"]).generated:
+        log.warning("%s: the model was trained on %s; its images are not external to it", entry["name"], entry["source"])
+    with opened(entry) as root:
+        recs, drops = records(entry, root)
+        kept, targets, unmapped = map_labels(recs, entry["map"], classes, f"external.sets ({entry['name']}).map")
+        absent = sorted(set(entry["map"]) - {r.label for r in recs})
+        if absent:
+            log.warning("%s: the map names label(s) the set does not have: %s", entry["name"], ", ".join(absent))
+        pick = subsample(len(kept), cfg["max_images"], cfg["seed"])
+        files = [root / kept[i].file for i in pick]
+        decode = functools.partial(images.decode, size=info["image_size"], mode=info["resize"], **clean.limits(clean_cfg))
+        workers = 1 if len(files) < clean.SERIAL_BELOW else images.resolve_workers(clean_cfg["workers"])
+        with images.decode_many(decode, files, workers) as items:
+            proba, errors = inference.predict_stream(items, forward_fn, len(classes))
+    ok = np.array([e == "" for e in errors], dtype=bool)
+    targets, proba = targets[pick][ok], proba[ok].astype(np.float64)
+    pos = classes.index(op["class"])
+    counts = {"records": len(recs), "layout_dropped": len(drops), "unmapped": sum(unmapped.values()),
+              "unmapped_by_label": unmapped, "mapped": len(kept), "not_sampled": len(kept) - len(pick),
+              "undecodable": int((~ok).sum()), "scored": int(ok.sum()),
+              "positive": int((targets == pos).sum()), "other": int((targets != pos).sum())}
+    if not (counts["records"] == counts["unmapped"] + counts["mapped"]
+            and counts["mapped"] == counts["not_sampled"] + counts["undecodable"] + counts["scored"]
+            and counts["scored"] == counts["positive"] + counts["other"]):
+        raise AssertionError(f"external counts do not add up: {counts}")
+    result = {"source": entry["source"], "counts": counts,
+              **summary(targets, proba, classes, op["class"], op["threshold"], ev)}
+    roc, _ = evaluation.curves(proba, targets, classes)
+    return result, [{"set": entry["name"], **r} for r in roc if r["class"] == op["class"]]
+
+
+def run(cfg: dict, ev: dict, clean_cfg: dict, classes: list[str], model_path: Path = paths.FINETUNED,
+        out: Path = paths.EXTERNAL_METRICS, plots_out: Path = paths.EXTERNAL_PLOTS) -> dict[str, dict]:
+    """The external stage (`cfg`: params `external`; `ev`: `evaluate`, for its fixed rates and bootstrap;
+    `clean_cfg`: `clean`, for the decoding limits and workers): every set -> out/<name>.json and
+    plots_out/<name>.json; the shortcut probes on the test split -> out/probes.json. A set whose data is
+    missing is skipped (`{"skipped": reason}`) or, with `external.missing: error`, an error."""
+    info = modelinfo.read_info(model_path)
+    if info["classes"] != classes:
+        raise UserError(f"{model_path} was trained on classes {info['classes']}, the data has {classes}: rerun `dvc repro`")
+    op = modelinfo.read_operating_point(model_path, classes)
+    if op is None:
+        raise UserError(f"{modelinfo.operating_point_path(model_path)} not found: run `dvc repro evaluate` first")
+    model = inference.load_model(model_path, info)
+    forward_fn = inference.forward(model)
+    results: dict[str, dict] = {}
+    with atomic.atomic_dir(out) as tmp, atomic.atomic_dir(plots_out) as plots_tmp:
+        for entry in cfg["sets"]:
+            name = entry["name"]
+            try:
+                result, roc = score_set(entry, forward_fn, info, op, cfg, ev, clean_cfg)
+            except Missing as why:
+                if cfg["missing"] == "error":
+                    raise UserError(f"external set {name}: {why}") from None
+                log.warning("external set %s skipped: %s", name, why)
+                result, roc = {"skipped": str(why)}, []
+            else:
+                p = result["positive"]
+                log.info("%s: %d images scored; %s ROC-AUC %s, sensitivity/specificity %s/%s at threshold %.4f",
+                         name, result["counts"]["scored"], p["class"], p["roc_auc"], p["sensitivity"], p["specificity"], op["threshold"])
+            atomic.write_json(tmp / f"{name}.json", result)
+            if roc:
+                atomic.write_json(plots_tmp / f"{name}.json", roc)
+            results[name] = result
+        results["probes"] = probes.run(model, forward_fn, classes, cfg["probes"])
+        atomic.write_json(tmp / "probes.json", results["probes"])
+    return results
