@@ -32,26 +32,34 @@ class Decoded:
     record: Record
     pixels: np.ndarray | None = None
     mask: np.ndarray | None = None
+    lungs: np.ndarray | None = None
     sha256: str = ""
     phash: str = ""   # perceptual hash, hex (HASH_BITS bits)
     error: Drop | None = None
 
 
 def decode_record(raw: str, size: int, mode: str, lim: dict, rec: Record, decode=images.decode) -> tuple:
-    """One record's (pixels, lesion mask or None, sha256, perceptual hash); DecodeError if it cannot be used.
-    Runs in a decoding worker."""
+    """One record's (pixels, lesion mask or None, lung mask or None, sha256, perceptual hash); DecodeError if it
+    cannot be used (a mask that cannot be decoded included). Masks go through the same decode and resize as the
+    image, so they stay aligned with it. Runs in a decoding worker."""
     path = Path(raw) / rec.file
     pixels = decode(path, size, mode, **lim)
-    mask = None
-    if rec.mask:
-        mask = decode(Path(raw) / rec.mask, size, mode, **lim) >= 128
+    mask, lungs = (_decode_mask(Path(raw), m, what, size, mode, lim, decode) if m else None
+                   for m, what in ((rec.mask, "lesion mask"), (rec.lungs, "lung mask")))
     try:
         with open(path, "rb") as f:  # in chunks: a large file never sits in memory whole
             digest = hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as err:
         raise images.DecodeError("unreadable", err.strerror or str(err)) from None
     phash = str(imagehash.phash(Image.fromarray(pixels), hash_size=HASH_SIZE))
-    return pixels, mask, digest, phash
+    return pixels, mask, lungs, digest, phash
+
+
+def _decode_mask(raw: Path, name: str, what: str, size: int, mode: str, lim: dict, decode) -> np.ndarray:
+    try:
+        return decode(raw / name, size, mode, **lim) >= 128
+    except images.DecodeError as err:
+        raise images.DecodeError(err.reason, f"its {what} {name}: {err.detail}") from None
 
 
 def limits(cfg: dict) -> dict:
@@ -178,20 +186,27 @@ def deduplicate(items: list[Decoded], near_distance: int) -> tuple[list[Decoded]
 
 
 def write_shards(kept: list[Decoded], out: Path, shard_size: int) -> pd.DataFrame:
-    """Pixels in `images-NNNNN.npy` (uint8, N x S x S), masks alongside where present; returns the manifest."""
+    """Pixels in `images-NNNNN.npy` (uint8, N x S x S), lesion masks (`masks-NNNNN.npy`) and lung masks
+    (`lungs-NNNNN.npy`, bool) alongside where any record has one (all False for those without); returns the
+    manifest."""
     rows = []
-    has_masks = any(it.mask is not None for it in kept)
+    kinds = [kind for kind in ("mask", "lungs") if any(getattr(it, kind) is not None for it in kept)]
     for s, start in enumerate(range(0, len(kept), shard_size)):
         chunk = kept[start : start + shard_size]
         np.save(out / f"images-{s:05d}.npy", np.stack([it.pixels for it in chunk]))
-        if has_masks:
-            blank = np.zeros_like(chunk[0].pixels, dtype=bool)
-            np.save(out / f"masks-{s:05d}.npy", np.stack([it.mask if it.mask is not None else blank for it in chunk]))
+        blank = np.zeros_like(chunk[0].pixels, dtype=bool)
+        for kind in kinds:
+            np.save(out / f"{SHARD_PREFIX[kind]}-{s:05d}.npy",
+                    np.stack([getattr(it, kind) if getattr(it, kind) is not None else blank for it in chunk]))
         for k, it in enumerate(chunk):
             r = it.record
             rows.append({"file": r.file, "label": r.label, "group": r.group, "sha256": it.sha256,
-                         "phash": it.phash, "shard": s, "index": k, "has_mask": it.mask is not None})
-    return pd.DataFrame(rows, columns=["file", "label", "group", "sha256", "phash", "shard", "index", "has_mask"])
+                         "phash": it.phash, "shard": s, "index": k, "has_mask": it.mask is not None,
+                         "has_lungs": it.lungs is not None})
+    return pd.DataFrame(rows, columns=["file", "label", "group", "sha256", "phash", "shard", "index", "has_mask", "has_lungs"])
+
+
+SHARD_PREFIX = {"mask": "masks", "lungs": "lungs"}   # Decoded field -> shard file prefix
 
 
 def summarize(n_records: int, source_drops: list[Drop], stage_drops: list[Drop], manifest: pd.DataFrame, classes: list[str]) -> dict:

@@ -17,6 +17,7 @@ class Subset:
     images: np.ndarray          # uint8 (N, S, S), raw 0..255 grayscale
     labels: np.ndarray          # int (N,), index into the class list
     masks: np.ndarray | None    # bool (N, S, S) lesion masks where the source has them
+    lungs: np.ndarray | None = None  # bool (N, S, S) lung-field masks where the source has them (all False: none)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -36,16 +37,18 @@ def load_splits(classes: list[str], clean_dir: Path = paths.CLEAN, split_csv: Pa
     if unknown:
         raise UserError(f"{split_csv} has label {unknown[0]!r}, not among the dataset's classes {classes}")
     shards = {int(s): np.load(clean_dir / f"images-{int(s):05d}.npy", mmap_mode="r") for s in table["shard"].unique()}
-    has_masks = bool(table["has_mask"].any())
-    mask_shards = {s: np.load(clean_dir / f"masks-{s:05d}.npy", mmap_mode="r") for s in shards} if has_masks else {}
+    # masks-*.npy (lesions) and lungs-*.npy exist where any image has one (manifests of older runs lack has_lungs)
+    extra = {kind: {s: np.load(clean_dir / f"{kind}-{s:05d}.npy", mmap_mode="r") for s in shards}
+             for kind, col in (("masks", "has_mask"), ("lungs", "has_lungs")) if col in table and table[col].any()}
     out = {}
     for name in ("train", "val", "test"):
         part = table[table["split"] == name]
         pos = list(zip(part["shard"].astype(int), part["index"].astype(int)))
         imgs = np.stack([shards[s][i] for s, i in pos]) if pos else np.zeros((0, 1, 1), np.uint8)
-        masks = np.stack([mask_shards[s][i] for s, i in pos]) if (pos and has_masks) else None
+        masks, lungs = (np.stack([extra[kind][s][i] for s, i in pos]) if (pos and kind in extra) else None
+                        for kind in ("masks", "lungs"))
         labels = np.array([classes.index(c) for c in part["label"]], dtype=np.int32)
-        out[name] = Subset(part["file"].tolist(), imgs, labels, masks)
+        out[name] = Subset(part["file"].tolist(), imgs, labels, masks, lungs)
     return out
 
 

@@ -23,8 +23,9 @@ def read_manifest(path) -> pd.DataFrame:
     for col in ("shard", "index"):
         if col in m:
             m[col] = m[col].astype(int)
-    if "has_mask" in m:
-        m["has_mask"] = m["has_mask"].map({"True": True, "False": False})
+    for col in ("has_mask", "has_lungs"):
+        if col in m:
+            m[col] = m[col].map({"True": True, "False": False})
     return m
 
 

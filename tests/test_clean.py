@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxr import clean
+from cxr import clean, data
 from cxr.clean import UnionFind, close_pairs, hamming
 from cxr.images import decode
 from cxr.sources import Drop, Record
@@ -117,13 +117,13 @@ def test_shards_match_manifest(tmp_path, tree):
         assert a.dtype == np.uint8 and a.shape[1:] == (SIZE, SIZE)
     assert sum(len(a) for a in arrays) == len(manifest) == summary["kept"]
     assert list(manifest["file"]) == sorted(manifest["file"])
-    assert list(manifest.columns) == ["file", "label", "group", "sha256", "phash", "shard", "index", "has_mask"]
+    assert list(manifest.columns) == ["file", "label", "group", "sha256", "phash", "shard", "index", "has_mask", "has_lungs"]
     for row in manifest.itertuples():
         np.testing.assert_array_equal(arrays[row.shard][row.index], decode(raw / row.file, SIZE))
         assert len(row.phash) == 64  # 256-bit hash, hex
     assert manifest["sha256"].is_unique
-    assert not manifest["has_mask"].any()
-    assert not list(out.glob("masks-*.npy"))
+    assert not manifest["has_mask"].any() and not manifest["has_lungs"].any()
+    assert not list(out.glob("masks-*.npy")) and not list(out.glob("lungs-*.npy"))
 
 
 def test_near_duplicates_kept_when_threshold_negative(tmp_path, tree):
@@ -150,23 +150,43 @@ def test_near_duplicate_with_other_label_drops_both(tmp_path):
     assert summary["kept_by_class"] == {"COVID": 0, "Normal": 1}
 
 
-def test_masks_are_stored_beside_images(tmp_path):
+@pytest.mark.parametrize("field,prefix,column,other", [("mask", "masks", "has_mask", "lungs"),
+                                                      ("lungs", "lungs", "has_lungs", "masks")])
+def test_masks_are_stored_beside_images_and_read_back_per_split(tmp_path, field, prefix, column, other):
+    """Lesion masks (masks-*.npy) and lung masks (lungs-*.npy), resized as their images were."""
     raw = tmp_path / "raw"
     _put(raw, "a.png", _smooth(1))
     _put(raw, "b.png", _smooth(2))
     mask = np.zeros((48, 64), np.uint8)
     mask[:, :32] = 255
     _put(raw, "a_mask.png", Image.fromarray(mask))
-    recs = [Record("a.png", "COVID", "a", mask="a_mask.png"), Record("b.png", "Normal", "b")]
+    recs = [Record("a.png", "COVID", "a", **{field: "a_mask.png"}), Record("b.png", "Normal", "b")]
     out = tmp_path / "out"
     out.mkdir()
     clean.run(raw, out, recs, [], CLASSES, _cfg())
-    masks = np.load(out / "masks-00000.npy")
-    assert masks.dtype == bool and masks.shape == (2, SIZE, SIZE)
+    masks = np.load(out / f"{prefix}-00000.npy")
+    assert masks.dtype == bool and masks.shape == (2, SIZE, SIZE) and not list(out.glob(f"{other}-*.npy"))
     assert masks[0][:, : SIZE // 2 - 1][8:24].all() and not masks[0][:, SIZE // 2 + 1 :].any()
     assert not masks[1].any()
     manifest = pd.read_csv(out / "manifest.csv")
-    assert list(manifest["has_mask"]) == [True, False]
+    assert list(manifest[column]) == [True, False]
+    split = tmp_path / "split.csv"
+    pd.DataFrame({"file": ["a.png", "b.png"], "split": ["test", "train"]}).to_csv(split, index=False)
+    parts = data.load_splits(CLASSES, out, split)
+    attr, none = ("masks", "lungs") if field == "mask" else ("lungs", "masks")
+    assert np.array_equal(getattr(parts["test"], attr), masks[:1]) and getattr(parts["test"], none) is None
+    assert np.array_equal(getattr(parts["train"], attr), masks[1:]) and getattr(parts["val"], attr) is None
+
+
+def test_an_undecodable_lung_mask_drops_its_image_with_the_reason(tmp_path):
+    raw = tmp_path / "raw"
+    _put(raw, "a.png", _smooth(1))
+    (raw / "a_lungs.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    out.mkdir()
+    summary, dropped = clean.run(raw, out, [Record("a.png", "COVID", "a", lungs="a_lungs.png")], [], CLASSES, _cfg())
+    assert summary["kept"] == 0 and summary["dropped"] == 1 and list(dropped["file"]) == ["a.png"]
+    assert "lung mask a_lungs.png" in dropped["detail"][0]
 
 
 def test_parallel_equals_serial(tmp_path):

@@ -24,8 +24,8 @@ def _files(root: Path) -> set[str]:
 
 
 def _check_accounting(root, records, drops):
-    """Every file is exactly one record or one drop."""
-    names = [r.file for r in records] + [d.file for d in drops]
+    """Every file is exactly one record (an image, or a mask read with it) or one drop."""
+    names = [f for r in records for f in (r.file, r.mask, r.lungs) if f] + [d.file for d in drops]
     assert len(names) == len(set(names)), "a file was counted twice"
     assert set(names) == _files(root)
 
@@ -52,14 +52,21 @@ def current_layout(tmp_path):
 
 
 def test_radiography_current_layout(current_layout):
+    (current_layout / CURRENT / "COVID/images/COVID-3.png").unlink()     # a mask without its image
+    (current_layout / CURRENT / "Normal/masks/Normal-4.png").unlink()    # an image without its mask
     records, drops = sources.radiography(current_layout, CLASSES3)
     _check_accounting(current_layout, records, drops)
-    assert Counter(r.label for r in records) == {"COVID": 3, "Normal": 4, "Viral Pneumonia": 2}
+    assert Counter(r.label for r in records) == {"COVID": 2, "Normal": 4, "Viral Pneumonia": 2}
     assert all("/images/" in r.file for r in records)
+    # each image's lung mask is the same name under masks/
+    lungs = {r.file: r.lungs for r in records}
+    assert lungs[f"{CURRENT}/COVID/images/COVID-1.png"] == f"{CURRENT}/COVID/masks/COVID-1.png"
+    assert lungs[f"{CURRENT}/Normal/images/Normal-4.png"] is None
+    assert sum(v is not None for v in lungs.values()) == 7
     by_file = {d.file: d.reason for d in drops}
-    assert Counter(by_file.values()) == {"auxiliary_file": 11 + 4 + 1, "class_not_selected": 2, "unlabeled": 2}
-    assert by_file[f"{CURRENT}/COVID/masks/COVID-1.png"] == "auxiliary_file"
-    assert by_file[f"{CURRENT}/Lung_Opacity/masks/Lung_Opacity-1.png"] == "auxiliary_file"
+    assert Counter(by_file.values()) == {"auxiliary_file": 4 + 1 + 1, "class_not_selected": 4, "unlabeled": 2}
+    assert by_file[f"{CURRENT}/COVID/masks/COVID-3.png"] == "auxiliary_file"
+    assert by_file[f"{CURRENT}/Lung_Opacity/masks/Lung_Opacity-1.png"] == "class_not_selected"
     assert by_file[f"{CURRENT}/COVID.metadata.xlsx"] == "auxiliary_file"
     assert by_file[f"{CURRENT}/README.md.txt"] == "auxiliary_file"
     assert by_file[f"{CURRENT}/Lung_Opacity/images/Lung_Opacity-2.png"] == "class_not_selected"
