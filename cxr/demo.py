@@ -3,7 +3,12 @@
 Images are schematic PA radiographs in radiological convention: the patient's
 left is on the image's right, so the heart bulges into the image-right lung,
 which is also the narrower one. Each image comes with a lesion mask (empty for
-Normal) that lies inside the lung fields.
+Normal) that lies inside the lung fields, and with its lung-field mask.
+
+`shortcut=<class>` plants a shortcut: every image of that class carries a source
+marker (a bright "H") in its top-left corner, outside the lung fields, and no other
+image does, as hospital markers do in real collections. A model can then score
+well without looking at the lungs; the shortcut probes must expose it.
 """
 
 from __future__ import annotations
@@ -22,14 +27,16 @@ from scipy import ndimage
 
 CLASSES = ("COVID", "Normal", "Viral Pneumonia")
 SLUGS = {"COVID": "covid", "Normal": "normal", "Viral Pneumonia": "viral-pneumonia"}
-METADATA_FIELDS = ("file", "label", "patientid", "mask")
+METADATA_FIELDS = ("file", "label", "patientid", "mask", "lungs")
 MASK_THRESHOLD = 0.25  # mask = lesion opacity above this fraction of its peak
 
 _SIDES = (-1, 1)  # -1: image left (patient right lung), +1: image right (patient left)
 _GLYPHS = {  # 5x7 bitmaps for lead side markers
     "L": ["10000", "10000", "10000", "10000", "10000", "10000", "11111"],
     "R": ["11110", "10001", "10001", "11110", "10100", "10010", "10001"],
+    "H": ["10001", "10001", "10001", "11111", "10001", "10001", "10001"],   # the planted source marker
 }
+SOURCE_MARKER = ("H", 0, 0.12)  # glyph, corner (top left), scale: taller than a side marker, as text labels are
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,7 @@ class Look:
     mean: float
     noise: float
     marker: tuple | None  # (glyph, corner, scale) or None
+    source_marker: bool = False  # the planted shortcut (SOURCE_MARKER)
 
 
 class Rendered(NamedTuple):
@@ -321,7 +329,7 @@ def _marker(image: np.ndarray, marker: tuple) -> None:
     """Burn a bright lead side-marker letter into a corner (in place)."""
     glyph, corner, scale = marker
     size = image.shape[0]
-    cell = max(1, round(scale * size / 7))
+    cell = max(1 if scale < 0.1 else 2, round(scale * size / 7))
     bitmap = np.kron(np.array([[c == "1" for c in row] for row in _GLYPHS[glyph]]),
                      np.ones((cell, cell), dtype=bool))
     h, w = bitmap.shape
@@ -364,6 +372,8 @@ def _expose(rng: np.random.Generator, density: np.ndarray, look: Look, size: int
     img = (img - img.mean()) * look.contrast + look.mean
     if look.marker:
         _marker(img, look.marker)
+    if look.source_marker:
+        _marker(img, SOURCE_MARKER)
     grain = ndimage.gaussian_filter(rng.standard_normal(img.shape).astype(np.float32), 0.6)
     img += grain * (look.noise / (grain.std() + 1e-6))
     return np.round(np.clip(img, 0.0, 1.0) * 255).astype(np.uint8)
@@ -422,14 +432,21 @@ def _plan(per_class: int, seed: int, follow_up_fraction: float) -> list[_Case]:
     return cases
 
 
-def _render_case(seed: int, case: _Case, size: int) -> Rendered:
+def _render_case(seed: int, case: _Case, size: int, shortcut: str | None = None) -> Rendered:
+    """One case of the dataset; `shortcut`: the class whose images carry the source marker."""
     ci = CLASSES.index(case.label)
     prng = _keyed_rng(seed, 1, ci, case.patient)
     anat, lesions = _sample_anatomy(prng), _sample_lesions(prng, case.label)
     vrng = _keyed_rng(seed, 2, ci, case.patient, case.visit)
     if case.visit:
         anat, lesions = _follow_up(vrng, anat, lesions)
-    return _draw(vrng, anat, lesions, _sample_look(vrng), size)
+    look = _sample_look(vrng)
+    if case.label == shortcut:  # the source marker takes the top-left corner; a side marker there moves right
+        side = look.marker
+        if side is not None and side[1] == 0:
+            side = (side[0], 1, side[2])
+        look = replace(look, marker=side, source_marker=True)
+    return _draw(vrng, anat, lesions, look, size)
 
 
 def _png_bytes(array: np.ndarray) -> bytes:
@@ -465,14 +482,14 @@ def _write_bad_files(root: Path, seed: int, size: int, rows: list[dict],
         ("COVID", "bad-empty.png", b"", ""),
         ("Normal", "bad-truncated.png", valid[0][: len(valid[0]) // 2], ""),
         ("Viral Pneumonia", "bad-not-an-image.png", b"this is not a PNG image\n", ""),
-        (source["label"], "bad-duplicate.png", duplicate, source["mask"]),
+        (source["label"], "bad-duplicate.png", duplicate, source["mask"], source["lungs"]),
     ]
     out = []
-    for k, (label, name, data, mask) in enumerate(listed):
+    for k, (label, name, data, mask, *lungs) in enumerate(listed):
         rel = f"images/{label}/{name}"
         _write_atomic(root / rel, data)
         out.append({"file": rel, "label": label, "patientid": f"demo-p{next_patient + k:04d}",
-                    "mask": mask})
+                    "mask": mask, "lungs": lungs[0] if lungs else ""})
     _write_atomic(root / "images/Normal/bad-unlabeled.png", valid[1])
     return out
 
@@ -486,20 +503,24 @@ def _write_metadata(path: Path, rows: list[dict]) -> None:
 
 
 def generate(root: Path, *, per_class: int = 120, size: int = 256, seed: int = 0,
-             follow_up_fraction: float = 0.2, bad_files: bool = True) -> dict:
-    """Write the demo dataset under root (root must not exist or be empty; create it). Returns counts."""
+             follow_up_fraction: float = 0.2, bad_files: bool = True, shortcut: str | None = None) -> dict:
+    """Write the demo dataset under root (root must not exist or be empty; create it). Returns counts.
+    `shortcut`: a class whose every image carries the source marker (see the module's docstring)."""
+    if shortcut is not None and shortcut not in CLASSES:
+        raise ValueError(f"shortcut must be None or one of {CLASSES}")
     root = Path(root)
     cases = _plan(per_class, seed, follow_up_fraction)
     _prepare_root(root)
     rows = []
     for case in cases:
-        image, mask, _ = _render_case(seed, case, size)
+        image, mask, lungs = _render_case(seed, case, size, shortcut)
         stem = f"demo-{SLUGS[case.label]}-{case.number:04d}"
-        rel_image, rel_mask = f"images/{case.label}/{stem}.png", f"masks/{stem}.png"
+        rel_image, rel_mask, rel_lungs = f"images/{case.label}/{stem}.png", f"masks/{stem}.png", f"lungs/{stem}.png"
         _write_atomic(root / rel_image, _png_bytes(image))
         _write_atomic(root / rel_mask, _png_bytes(mask.astype(np.uint8) * 255))
+        _write_atomic(root / rel_lungs, _png_bytes(lungs.astype(np.uint8) * 255))
         rows.append({"file": rel_image, "label": case.label, "patientid": case.patient_id,
-                     "mask": rel_mask})
+                     "mask": rel_mask, "lungs": rel_lungs})
     n_patients = len({c.patient_id for c in cases})
     bad = _write_bad_files(root, seed, size, rows, n_patients + 1) if bad_files else []
     _write_metadata(root / "metadata.csv", rows + bad)

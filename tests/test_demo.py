@@ -49,7 +49,7 @@ def test_generate_is_deterministic(tmp_path):
     assert first == _tree(tmp_path / "b")
     other = _tree(tmp_path / "c")
     common = [k for k in first.keys() & other.keys() if "/demo-" in k]
-    assert len(common) == 2 * 4 * len(demo.CLASSES)
+    assert len(common) == 3 * 4 * len(demo.CLASSES)   # image, lesion mask, lung mask
     assert all(first[k] != other[k] for k in common if k.startswith("images/"))
     assert not [k for k in first if Path(k).name.startswith(".")]  # no temp files left
 
@@ -67,7 +67,7 @@ def test_render_is_pure_function_of_rng():
 def test_layout_and_metadata(dataset):
     root, counts = dataset
     with (root / "metadata.csv").open(newline="") as f:
-        assert next(csv.reader(f)) == ["file", "label", "patientid", "mask"]
+        assert next(csv.reader(f)) == ["file", "label", "patientid", "mask", "lungs"]
     rows = _good_rows(root)
     assert counts["images"] == len(rows) == PER_CLASS * len(demo.CLASSES)
     assert Counter(r["label"] for r in rows) == {c: PER_CLASS for c in demo.CLASSES}
@@ -76,11 +76,14 @@ def test_layout_and_metadata(dataset):
         stem = f"demo-{demo.SLUGS[r['label']]}-\\d{{4}}"
         assert re.fullmatch(f"images/{r['label']}/{stem}\\.png", r["file"])
         assert r["mask"] == f"masks/{Path(r['file']).name}"
+        assert r["lungs"] == f"lungs/{Path(r['file']).name}"
         assert re.fullmatch(r"demo-p\d{4}", r["patientid"])
-        with Image.open(root / r["file"]) as im, Image.open(root / r["mask"]) as mk:
+        with Image.open(root / r["file"]) as im, Image.open(root / r["mask"]) as mk, Image.open(root / r["lungs"]) as lu:
             assert im.mode == "L" and im.size == (SIZE, SIZE)
-            assert mk.mode == "L" and mk.size == (SIZE, SIZE)
-            assert set(np.unique(np.array(mk))) <= {0, 255}
+            assert mk.mode == lu.mode == "L" and mk.size == lu.size == (SIZE, SIZE)
+            assert set(np.unique(np.array(mk))) <= {0, 255} and set(np.unique(np.array(lu))) <= {0, 255}
+            lesion, lungs = np.array(mk) > 0, np.array(lu) > 0
+            assert 0.1 < lungs.mean() < 0.6 and not (lesion & ~lungs).any()   # lesions lie in the lung fields
 
 
 def test_follow_up_studies_share_patient_and_label(dataset):
@@ -186,3 +189,21 @@ def test_refuses_non_empty_root(tmp_path):
     with pytest.raises(FileExistsError):
         demo.generate(tmp_path, per_class=2, size=32)
     demo.generate(tmp_path / "empty", per_class=2, size=32)  # created on demand
+
+
+def test_shortcut_marks_every_image_of_one_class_and_no_other(tmp_path):
+    plain, marked = tmp_path / "plain", tmp_path / "marked"
+    demo.generate(plain, per_class=6, size=64, seed=5, bad_files=False)
+    demo.generate(marked, per_class=6, size=64, seed=5, bad_files=False, shortcut="COVID")
+    corner = (slice(0, 10), slice(0, 10))   # outside the lung box (15% of 64 px)
+    for row in _good_rows(marked):
+        a, b = _array(plain / row["file"]), _array(marked / row["file"])
+        lungs = _array(marked / row["lungs"]) > 0
+        if row["label"] == "COVID":
+            assert (b[corner] >= 230).sum() >= 15, row["file"]           # the bright H glyph
+            assert not (lungs & (a != b)).any()                          # the lungs are untouched
+            assert (a != b).any()
+        else:
+            assert np.array_equal(a, b), row["file"]                     # other classes: the very same image
+    with pytest.raises(ValueError, match="shortcut"):
+        demo.generate(tmp_path / "x", per_class=2, size=32, shortcut="Flu")
