@@ -26,6 +26,7 @@ from .errors import UserError
 log = logging.getLogger("external")
 
 REST = "rest"        # a map target: not the model's positive class
+POSITIVE = "positive"  # a map target: the model's positive class, whatever the dataset calls it
 REST_INDEX = -1      # its label index: no model class, so it counts as "other" for every positive-vs-rest figure
 
 # How a registered source is read as an external set: every label it has (the set's map picks), and for
@@ -56,7 +57,8 @@ def opened(entry: dict) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="cxr-external-") as tmp:
         root = Path(tmp) / "data"
         if record["origin"] == "generated":
-            sources.get(entry["source"]).generate(root, {**{k: entry[k] for k in ("seed", "per_class", "size")}, "bad_files": False})
+            sources.get(entry["source"]).generate(root, {**{k: entry[k] for k in ("seed", "per_class", "size")},
+                                                         "bad_files": False, "shortcut": "none"})
         else:
             root.mkdir()
             download.safe_extract(Path(record["path"]), root)
@@ -74,15 +76,17 @@ def records(entry: dict, root: Path) -> tuple[list[sources.Record], list[sources
 
 # --- labels ---------------------------------------------------------------------------------------
 
-def map_labels(recs: list, mapping: dict[str, str], classes: list[str], where: str = "external.sets[].map"
-               ) -> tuple[list, np.ndarray, dict[str, int]]:
-    """Each record's target: the index of the model class its label maps to, or REST_INDEX for `rest`.
-    Records whose label the map leaves out are dropped and counted per label (never silently).
-    Returns (kept records, targets, {unmapped label: count})."""
+def map_labels(recs: list, mapping: dict[str, str], classes: list[str], where: str = "external.sets[].map",
+               positive: str | None = None) -> tuple[list, np.ndarray, dict[str, int]]:
+    """Each record's target: the index of the model class its label maps to (`positive`: the model's positive
+    class), or REST_INDEX for `rest`. Records whose label the map leaves out are dropped and counted per label
+    (never silently). Returns (kept records, targets, {unmapped label: count})."""
+    if positive is not None:
+        mapping = {label: positive if t == POSITIVE else t for label, t in mapping.items()}
     bad = sorted({t for t in mapping.values() if t != REST and t not in classes})
     if bad:
         raise UserError(f"params.yaml: {where} maps to {bad[0]!r}, neither one of the model's classes "
-                        f"({', '.join(classes)}) nor {REST}")
+                        f"({', '.join(classes)}) nor {POSITIVE} or {REST}")
     kept, targets, unmapped = [], [], {}
     for r in recs:
         target = mapping.get(r.label)
@@ -140,7 +144,7 @@ def score_set(entry: dict, forward_fn, info: dict, op: dict, cfg: dict, ev: dict
         log.warning("%s: the model was trained on %s; its images are not external to it", entry["name"], entry["source"])
     with opened(entry) as root:
         recs, drops = records(entry, root)
-        kept, targets, unmapped = map_labels(recs, entry["map"], classes, f"external.sets ({entry['name']}).map")
+        kept, targets, unmapped = map_labels(recs, entry["map"], classes, f"external.sets ({entry['name']}).map", op["class"])
         absent = sorted(set(entry["map"]) - {r.label for r in recs})
         if absent:
             log.warning("%s: the map names label(s) the set does not have: %s", entry["name"], ", ".join(absent))
@@ -200,6 +204,6 @@ def run(cfg: dict, ev: dict, clean_cfg: dict, classes: list[str], model_path: Pa
             if roc:
                 atomic.write_json(plots_tmp / f"{name}.json", roc)
             results[name] = result
-        results["probes"] = probes.run(model, forward_fn, classes, cfg["probes"])
+        results["probes"] = probes.run(model, forward_fn, classes, op["class"], cfg["probes"])
         atomic.write_json(tmp / "probes.json", results["probes"])
     return results

@@ -104,12 +104,14 @@ def localisation(cams: np.ndarray, masks: np.ndarray) -> dict:
 
 # --- the gradcam stage --------------------------------------------------------------------------------
 
-def run(cfg: dict, classes: list[str], model_path: Path = paths.FINETUNED, out: Path = paths.PLOTS / "gradcam",
-        metrics_path: Path = paths.METRICS / "gradcam.json") -> dict:
+def run(cfg: dict, classes: list[str], box: list[float], model_path: Path = paths.FINETUNED,
+        out: Path = paths.PLOTS / "gradcam", metrics_path: Path = paths.METRICS / "gradcam.json") -> dict:
     """The gradcam stage (`cfg`: params `gradcam`): one panel of test images per class into `out`
-    (<class key>.png), and, where lesion masks are known, how well the true class's maps localise them;
-    writes and returns the metrics. Each (image, class) map is computed once."""
-    from . import models
+    (<class key>.png); how much of each test image's map (of the class it explains) lies in the lungs: its
+    lung mask where the dataset ships one, else `box` (params `external.probes.box`, the probes' lung region);
+    and, where lesion masks are known, how well the true class's maps localise them. Writes and returns the
+    metrics. Each (image, class) map is computed once."""
+    from . import models, probes
 
     test = data.load_splits(classes)["test"]
     model = models.load(model_path)
@@ -119,7 +121,7 @@ def run(cfg: dict, classes: list[str], model_path: Path = paths.FINETUNED, out: 
     chosen = {k: panels.pick(test.labels, proba, k, cfg["per_class"]) for k in range(len(classes))}
     # Localisation is measured for the class whose lesion the mask marks: the true class.
     lesion = np.flatnonzero(test.masks.any(axis=(1, 2))) if test.masks is not None else np.zeros(0, int)
-    wanted = [(i, int(target[i])) for k in chosen for i in chosen[k]] + [(int(i), int(test.labels[i])) for i in lesion]
+    wanted = [(i, int(target[i])) for i in range(len(test))] + [(int(i), int(test.labels[i])) for i in lesion]
     pairs = list(dict.fromkeys(wanted))
     idx = np.array([i for i, _ in pairs], int)
     cams = heatmaps(model, test.images[idx], np.array([c for _, c in pairs], np.int32), min_side=cfg["min_side"])
@@ -131,6 +133,11 @@ def run(cfg: dict, classes: list[str], model_path: Path = paths.FINETUNED, out: 
                           np.array([cam_of[(i, int(target[i]))] for i in chosen[k]]), titles,
                           f"Grad-CAM ({explains}): test images of class {name}", cfg["alpha"])
     result = {"images": len(test), "layer": target_layer(model, cfg["min_side"])[1]}
+    regions, region_counts = probes.lung_regions(test.images.shape, box, test.lungs)
+    explained = np.array([cam_of[(i, int(target[i]))] for i in range(len(test))]).reshape(test.images.shape)
+    result["lungs"] = {"explains": explains, "region": region_counts, **localisation(explained, regions)}
+    log.info("share of the Grad-CAM energy in the lungs (%s): %s, uniform map %s", region_counts,
+             result["lungs"]["energy_inside"], result["lungs"]["uniform_energy_inside"])
     if test.masks is not None:
         true_cams = np.array([cam_of[(int(i), int(test.labels[i]))] for i in lesion]).reshape(len(lesion), *test.images.shape[1:])
         result["localisation"] = localisation(true_cams, test.masks[lesion])

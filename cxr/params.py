@@ -266,6 +266,10 @@ def _check_external(p: dict, ds: str, sources: dict | None) -> None:
         if not isinstance(mapping, dict) or not mapping or not all(
                 isinstance(a, str) and a and isinstance(b, str) and b for a, b in mapping.items()):
             _fail(f"{key}.map", "a mapping of the set's labels to the model's classes or rest", mapping)
+        model_classes = _get(p, f"datasets.{ds}.classes")
+        for label, target in mapping.items():  # checked up front: a bad map never waits for training to fail
+            if target not in ("positive", "rest") and target not in model_classes:
+                _fail(f"{key}.map.{label}", f"positive, rest or one of the model's classes ({', '.join(model_classes)})", target)
         extra = SET_KEYS.get(source, set())
         for k in sorted(set(entry) - {"name", "source", "map"} - extra):
             raise UserError(f"params.yaml: unknown key {key}.{k} (a {source} set has name, source, map"

@@ -1,7 +1,8 @@
 """gradcam stage: reads params and runs gradcam.run (panels and localisation metrics).
 
-Grad-CAM panels of the fine-tuned model on test images (plots/gradcam/<class>.png), and, where lesion
-masks are known (demo), how well the maps localise them (metrics/gradcam.json)."""
+Grad-CAM panels of the fine-tuned model on test images (plots/gradcam/<class>.png), the share of the maps'
+energy inside the lungs, and, where lesion masks are known (demo), how well the maps localise them
+(metrics/gradcam.json)."""
 from cxr import gradcam, params
 from cxr.errors import cli
 
@@ -9,7 +10,7 @@ from cxr.errors import cli
 @cli
 def main() -> None:
     p = params.load()
-    gradcam.run(p["gradcam"], params.dataset(p)["classes"])
+    gradcam.run(p["gradcam"], params.dataset(p)["classes"], p["external"]["probes"]["box"])
 
 
 if __name__ == "__main__":

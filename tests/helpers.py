@@ -35,7 +35,7 @@ DEMO = {
     "gradcam.per_class": 3,
     # the default ieee8023 set (no local copy in tests: skipped), and a demo set generated with another seed
     "external.sets": [
-        {"name": "ieee8023", "source": "covid-chestxray", "map": {"COVID-19": "COVID", "non-COVID": "rest"}},
+        {"name": "ieee8023", "source": "covid-chestxray", "map": {"COVID-19": "positive", "non-COVID": "rest"}},
         {"name": "demo-seed1", "source": "demo", "seed": 1, "per_class": 40, "size": 64,
          "map": {"COVID": "COVID", "Normal": "Normal", "Viral Pneumonia": "Viral Pneumonia"}},
     ],

@@ -38,6 +38,13 @@ def test_map_labels_to_classes():
     assert targets.tolist() == [1, 2] and unmapped == {}
 
 
+def test_map_to_positive_is_the_models_positive_class():
+    recs = [Record("a", "COVID-19", "a"), Record("b", "non-COVID", "b")]
+    _, targets, _ = external.map_labels(recs, {"COVID-19": "positive", "non-COVID": "rest"}, ["non-COVID", "COVID-19"],
+                                        positive="COVID-19")
+    assert targets.tolist() == [1, external.REST_INDEX]
+
+
 def test_map_to_something_not_a_class_is_one_clear_error():
     with pytest.raises(UserError, match=r"maps to 'Pneumonia', neither one of the model's classes"):
         external.map_labels([], {"a": "Pneumonia"}, CLASSES, "external.sets[0].map")
@@ -54,7 +61,7 @@ def test_subsample_is_seeded_and_capped():
 
 def test_occlude_inside_changes_exactly_the_box():
     imgs = np.arange(2 * 10 * 10, dtype=np.uint8).reshape(2, 10, 10)
-    out = probes.occlude(imgs, [0.2, 0.3, 0.8, 0.9], 7, "inside")
+    out = probes.occlude(imgs, probes.box_mask((10, 10), [0.2, 0.3, 0.8, 0.9]), 7, "inside")
     changed = out != imgs
     box = np.zeros((10, 10), bool)
     box[3:9, 2:8] = True   # rows y 0.3..0.9, columns x 0.2..0.8
@@ -66,7 +73,7 @@ def test_occlude_inside_changes_exactly_the_box():
 def test_occlude_outside_keeps_the_box_and_fills_with_each_images_mean():
     imgs = np.stack([np.full((8, 8), 10, np.uint8), np.full((8, 8), 200, np.uint8)])
     imgs[0, 0, 0] = 74      # mean of image 0: (63 * 10 + 74) / 64 = 11
-    out = probes.occlude(imgs, [0.25, 0.25, 0.75, 0.75], "mean", "outside")
+    out = probes.occlude(imgs, probes.box_mask((8, 8), [0.25, 0.25, 0.75, 0.75]), "mean", "outside")
     rows, cols = probes.box_slices((8, 8), [0.25, 0.25, 0.75, 0.75])
     assert (rows, cols) == (slice(2, 6), slice(2, 6))
     assert (out[:, rows, cols] == imgs[:, rows, cols]).all()
@@ -77,10 +84,32 @@ def test_occlude_outside_keeps_the_box_and_fills_with_each_images_mean():
 
 def test_lungs_hidden_and_lungs_only_cover_the_image_between_them():
     imgs = np.random.default_rng(0).integers(0, 256, (3, 20, 20), dtype=np.uint8)
-    box = [0.15, 0.15, 0.85, 0.85]
+    box = probes.box_mask((20, 20), [0.15, 0.15, 0.85, 0.85])
     a = probes.occlude(imgs, box, 0, "inside") != imgs
     b = probes.occlude(imgs, box, 0, "outside") != imgs
     assert not (a & b).any()
+
+
+def test_lung_masks_are_the_region_where_present_and_the_box_elsewhere():
+    lungs = np.zeros((3, 10, 10), bool)
+    lungs[0, 2:5, 1:4] = True          # image 0 has a lung mask; images 1 and 2 do not (all False)
+    regions, counts = probes.lung_regions((3, 10, 10), [0.5, 0.5, 1.0, 1.0], lungs)
+    assert counts == {"lung_mask": 1, "box": 2}
+    assert (regions[0] == lungs[0]).all()
+    assert regions[1].sum() == regions[2].sum() == 25 and regions[1][5:, 5:].all()
+    assert probes.lung_regions((2, 10, 10), [0.5, 0.5, 1.0, 1.0])[1] == {"lung_mask": 0, "box": 2}
+    # each image is occluded by its own region
+    imgs = np.full((3, 10, 10), 100, np.uint8)
+    hidden = probes.occlude(imgs, regions, 0, "inside")
+    assert ((hidden == 0) == regions).all()
+
+
+def test_retained_skill():
+    assert probes.retained(0.95, 0.95) == 1.0
+    assert probes.retained(0.5, 0.9) == 0.0
+    assert probes.retained(0.7, 0.9) == 0.5
+    assert probes.retained(0.3, 0.9) == -0.5          # worse than chance: the probe inverts the model
+    assert probes.retained(0.8, 0.5) is None and probes.retained(None, 0.9) is None
 
 
 # --- figures --------------------------------------------------------------------------------------
@@ -143,6 +172,8 @@ def test_real_external_section_is_valid(tree):
     (lambda t: t["external"].update(missing="ignore"), "external.missing"),
     (lambda t: t["external"]["probes"].update(box=[0.8, 0.1, 0.2, 0.9]), "external.probes.box"),
     (lambda t: t["external"]["probes"].update(fill=300), "external.probes.fill"),
+    # checked against the dataset's (the model's) classes up front, before any stage runs
+    (lambda t: t["external"]["sets"][0]["map"].update({"COVID-19": "COVID-19"}), "external.sets[0].map.COVID-19"),
 ])
 def test_bad_external_values_fail_naming_the_key(tree, change, named):
     change(tree)

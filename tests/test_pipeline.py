@@ -176,6 +176,10 @@ def test_gradcam_outputs(demo_repo):
     assert loc["n"] > 0
     # the trained model's maps concentrate on the known lesions more than a uniform map would
     assert loc["energy_inside"] > loc["uniform_energy_inside"]
+    # every test image's map, scored against its own lung mask (the demo ships them)
+    lungs = m["lungs"]
+    assert lungs["n"] == m["images"] and lungs["region"] == {"lung_mask": m["images"], "box": 0}
+    assert 0.1 < lungs["uniform_energy_inside"] < 0.6 and 0 <= lungs["energy_inside"] <= 1 and lungs["explains"] == "predicted class"
 
 
 def test_external_sets_and_probes(demo_repo):
@@ -202,11 +206,29 @@ def test_external_sets_and_probes(demo_repo):
     assert probes["n"] == internal["n"] and probes["chance"] == {"balanced_accuracy": 0.3333, "macro_roc_auc": 0.5}
     assert probes["unchanged"]["macro_roc_auc"] == pytest.approx(internal["macro"]["roc_auc"], abs=1e-3)
     for probe in ("unchanged", "lungs_hidden", "lungs_only"):
-        assert all(0 <= probes[probe][k] <= 1 for k in ("accuracy", "balanced_accuracy", "macro_roc_auc")), probes
+        assert all(0 <= probes[probe][k] <= 1 for k in ("accuracy", "balanced_accuracy", "macro_roc_auc", "positive_roc_auc")), probes
+    # each test image's own lung mask is the region; the demo's signal is in the lungs, and the model reads it there
+    assert probes["region"] == {"lung_mask": internal["n"], "box": 0} and probes["positive"] == "COVID"
+    assert probes["lungs_hidden"]["retained"]["positive"] < 0.5 < probes["lungs_only"]["retained"]["macro"], probes
     roc = json.loads((demo_repo / "plots/external/demo-seed1.json").read_text())
     assert roc and {r["class"] for r in roc} == {"COVID"}
     shown = json.loads(dvc(demo_repo, "metrics", "show", "--json").stdout)
     assert "metrics/external/demo-seed1.json" in json.dumps(shown) and "metrics/evaluate/finetuned.json" in json.dumps(shown)
+
+
+def test_probes_expose_a_planted_shortcut(demo_repo, demo_copy):
+    """Every COVID image marked in a corner (datasets.demo.shortcut): the model scores COVID from the marker,
+    and the probes show it. With the lungs hidden it keeps its COVID skill, which the unmarked model loses; an
+    unmarked external set shows the cost."""
+    set_params(demo_copy / "params.yaml", {"datasets.demo.shortcut": "COVID"})
+    dvc(demo_copy, "repro")
+    marked = json.loads((demo_copy / "metrics/external/probes.json").read_text())
+    plain = json.loads((demo_repo / "metrics/external/probes.json").read_text())
+    assert marked["unchanged"]["positive_roc_auc"] >= 0.95, marked
+    assert marked["lungs_hidden"]["retained"]["positive"] >= 0.8, marked
+    assert plain["lungs_hidden"]["retained"]["positive"] <= 0.5, plain
+    unmarked_external = json.loads((demo_copy / "metrics/external/demo-seed1.json").read_text())["positive"]
+    assert unmarked_external["roc_auc"] <= marked["unchanged"]["positive_roc_auc"] - 0.1, unmarked_external
 
 
 def _chestxray_copy(root: Path, n: int = 6) -> Path:
