@@ -164,7 +164,8 @@ def baseline(p: dict, classes: list[str], splits: dict[str, data.Subset], live, 
     else:
         trained = model
         aug = data.augmenter(cfg["augment"], cfg["seed"])
-        fit_data = {"x": data.batches(tr.images, tr.labels, bs, shuffle=True, seed=cfg["seed"], augment=aug)}
+        # the dataset shuffles itself (seeded); Keras' own shuffle does not apply to one
+        fit_data = {"x": data.batches(tr.images, tr.labels, bs, shuffle=True, seed=cfg["seed"], augment=aug), "shuffle": False}
         x_val = va.images[..., None].astype(np.float32)
     steps = cfg["epochs"] * int(np.ceil(len(tr) / bs))
     trained.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(cfg["learning_rate"], steps)),
@@ -321,7 +322,9 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
         if cfg["views"]:
             fit_data = {"x": _view_batches(train_views, onehot, _sample_weights(tr.labels, class_weight), bs, seed)}
         else:
-            fit_data = {"x": data.batches(tr.images, onehot, bs, shuffle=True, seed=seed, augment=aug), "class_weight": class_weight}
+            # the dataset shuffles itself (seeded); Keras' own shuffle does not apply to one
+            fit_data = {"x": data.batches(tr.images, onehot, bs, shuffle=True, seed=seed, augment=aug), "class_weight": class_weight,
+                        "shuffle": False}
         schedule = keras.optimizers.schedules.CosineDecay(0.0, decay_steps=max(1, total - warmup),
                                                           warmup_target=cfg["learning_rate"], warmup_steps=warmup)
         trained.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg["weight_decay"]),
