@@ -57,15 +57,15 @@ def run(model, forward_fn, classes: list[str], cfg: dict) -> dict:
     ROC-AUC of the unchanged images and of each probe, next to chance (balanced accuracy 1/k, AUC 0.5)."""
     test = data.load_splits(classes)["test"]
 
-    def score(images: np.ndarray) -> dict:
-        proba = inference.probabilities(model, images, forward_fn=forward_fn).astype(np.float64)
+    def score(images: np.ndarray, name: str) -> dict:
+        proba = inference.probabilities(model, images, forward_fn=forward_fn, desc=f"probe {name}").astype(np.float64)
         return scores(test.labels, proba, classes)
 
     out = {"n": len(test), "box": list(cfg["box"]), "fill": cfg["fill"],
            "chance": {"balanced_accuracy": round(1 / len(classes), 4), "macro_roc_auc": 0.5},
-           "unchanged": score(test.images)}
+           "unchanged": score(test.images, "unchanged")}
     for name, side in PROBES.items():
-        out[name] = score(occlude(test.images, cfg["box"], cfg["fill"], side))
+        out[name] = score(occlude(test.images, cfg["box"], cfg["fill"], side), name)
     log.info("probes on %d test images (balanced accuracy; chance %.3f): unchanged %s, lungs hidden %s, lungs only %s",
              len(test), 1 / len(classes), out["unchanged"]["balanced_accuracy"], out["lungs_hidden"]["balanced_accuracy"],
              out["lungs_only"]["balanced_accuracy"])
