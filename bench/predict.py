@@ -24,9 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cxr import quiet  # noqa: E402
 
+quiet.tensorflow()
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 

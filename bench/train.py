@@ -16,7 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from cxr import data, params, training
+from cxr import quiet
+
+quiet.tensorflow()  # before cxr.training loads TensorFlow
+from cxr import data, params, training  # noqa: E402
 
 
 def main() -> None:

@@ -4,8 +4,9 @@ A command is a module with `add_arguments(parser)` and `run(args) -> exit status
 """
 import argparse
 import importlib
-import os
 import sys
+
+from . import quiet
 
 COMMANDS = {
     # name: (module, one-line help)
@@ -14,7 +15,7 @@ COMMANDS = {
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ info/warning chatter
+    quiet.tensorflow()  # before a command loads TensorFlow (commands import it only when they run a model)
     parser = argparse.ArgumentParser(prog="python -m cxr", description="COVID-19 chest X-ray triage: user commands.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():

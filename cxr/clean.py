@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from . import images
+from . import images, progress
 from .sources import Drop, Record
 
 log = logging.getLogger("clean")
@@ -86,7 +86,7 @@ def decode_all(raw: Path, records: list[Record], size: int, mode: str, max_pixel
     chunk = max(1, min(64, len(records) // (4 * workers)))
     out = []
     with images.decode_many(fn, records, workers, ahead=8 * workers * chunk, chunk=chunk) as items:
-        for it in items:
+        for it in progress.bar(items, len(records), "decoding"):
             if it.error is not None:
                 out.append(Decoded(it.job, error=Drop(it.job.file, it.error.reason, it.error.detail)))
             else:

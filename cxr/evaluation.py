@@ -150,7 +150,8 @@ def run(classes: list[str], positive: str, cfg: dict, models_to_evaluate: dict[s
             raise UserError(f"{path} was trained on classes {info['classes']}, the data has {classes}: rerun `dvc repro`")
         model = models.load(path)
         run_model = inference.forward(model)
-        proba = {s: inference.probabilities(model, splits[s].images, forward_fn=run_model).astype(np.float64) for s in ("val", "test")}
+        proba = {s: inference.probabilities(model, splits[s].images, forward_fn=run_model, desc=f"{name} on {s}").astype(np.float64)
+                 for s in ("val", "test")}
         result, threshold = evaluate(proba, labels, classes, positive, cfg)
         # Headline figures are metrics (what `dvc metrics diff` shows); counts and weighted averages go to a report.
         details = {"confusion": result["test"].pop("confusion"), "weighted": result["test"].pop("weighted"),

@@ -20,7 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
-from . import atomic, clean, demo, download, evaluation, images, inference, metrics, modelinfo, paths, probes, sources
+from . import atomic, clean, demo, download, evaluation, images, inference, metrics, modelinfo, paths, probes, progress, sources
 from .errors import UserError
 
 log = logging.getLogger("external")
@@ -153,7 +153,7 @@ def score_set(entry: dict, forward_fn, info: dict, op: dict, cfg: dict, ev: dict
         decode = functools.partial(images.decode, size=info["image_size"], mode=info["resize"], **clean.limits(clean_cfg))
         workers = 1 if len(files) < clean.SERIAL_BELOW else images.resolve_workers(clean_cfg["workers"])
         with images.decode_many(decode, files, workers) as items:
-            proba, errors = inference.predict_stream(items, forward_fn, len(classes))
+            proba, errors = inference.predict_stream(progress.bar(items, len(files), entry["name"]), forward_fn, len(classes))
     ok = np.array([e == "" for e in errors], dtype=bool)
     targets, proba = targets[pick][ok], proba[ok].astype(np.float64)
     pos = classes.index(op["class"])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic, data, inference, metrics, panels, paths
+from . import atomic, data, inference, metrics, panels, paths, progress
 
 log = logging.getLogger("gradcam")
 
@@ -32,9 +32,10 @@ def target_layer(model, min_side: int = 7):
     return net, (wide or maps)[-1].name
 
 
-def heatmaps(model, images: np.ndarray, class_index: np.ndarray, batch_size: int = 32, min_side: int = 7) -> np.ndarray:
+def heatmaps(model, images: np.ndarray, class_index: np.ndarray, batch_size: int = 32, min_side: int = 7,
+             desc: str | None = None) -> np.ndarray:
     """Grad-CAM maps (N, S, S) in [0, 1] for uint8 images (N, S, S), each for the class class_index[i]
-    (e.g. the predicted one: inference.probabilities(...).argmax(axis=1))."""
+    (e.g. the predicted one: inference.probabilities(...).argmax(axis=1)); with `desc`, a progress bar."""
     import keras
     import tensorflow as tf
 
@@ -46,7 +47,7 @@ def heatmaps(model, images: np.ndarray, class_index: np.ndarray, batch_size: int
     size = images.shape[1:3]
     class_index = np.asarray(class_index, np.int32)
     maps = []
-    for start in range(0, len(images), batch_size):
+    for start in progress.batches(len(images), batch_size, desc):
         x = tf.convert_to_tensor(images[start : start + batch_size, ..., None], tf.float32)
         for layer in before:
             x = layer(x, training=False)
@@ -115,7 +116,7 @@ def run(cfg: dict, classes: list[str], box: list[float], model_path: Path = path
 
     test = data.load_splits(classes)["test"]
     model = models.load(model_path)
-    proba = inference.probabilities(model, test.images)
+    proba = inference.probabilities(model, test.images, desc="test split")
     explains = "predicted class" if cfg["class"] == "predicted" else cfg["class"]
     target = proba.argmax(axis=1) if cfg["class"] == "predicted" else np.full(len(test), classes.index(cfg["class"]))
     chosen = {k: panels.pick(test.labels, proba, k, cfg["per_class"]) for k in range(len(classes))}
@@ -124,7 +125,7 @@ def run(cfg: dict, classes: list[str], box: list[float], model_path: Path = path
     wanted = [(i, int(target[i])) for i in range(len(test))] + [(int(i), int(test.labels[i])) for i in lesion]
     pairs = list(dict.fromkeys(wanted))
     idx = np.array([i for i, _ in pairs], int)
-    cams = heatmaps(model, test.images[idx], np.array([c for _, c in pairs], np.int32), min_side=cfg["min_side"])
+    cams = heatmaps(model, test.images[idx], np.array([c for _, c in pairs], np.int32), min_side=cfg["min_side"], desc="Grad-CAM")
     cam_of = {pair: cams[n] for n, pair in enumerate(pairs)}
     with atomic.atomic_dir(out) as tmp:
         for k, name in enumerate(classes):

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from . import modelinfo
+from . import modelinfo, progress
 from .errors import UserError
 
 Forward = Callable[[np.ndarray], np.ndarray]
@@ -49,12 +49,14 @@ def forward(model) -> Forward:
     return run
 
 
-def probabilities(model, images: np.ndarray, batch_size: int = 64, forward_fn: Forward | None = None) -> np.ndarray:
-    """Class probabilities, float32 (N, classes), for uint8 images (N, S, S) held in memory, in batches."""
+def probabilities(model, images: np.ndarray, batch_size: int = 64, forward_fn: Forward | None = None,
+                  desc: str | None = None) -> np.ndarray:
+    """Class probabilities, float32 (N, classes), for uint8 images (N, S, S) held in memory, in batches; with
+    `desc`, a progress bar of that name on a terminal (progress.bar)."""
     if len(images) == 0:
         return np.zeros((0, model.output_shape[-1]), np.float32)
     run = forward_fn or forward(model)
-    return np.concatenate([run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+    return np.concatenate([run(images[i : i + batch_size]) for i in progress.batches(len(images), batch_size, desc)])
 
 
 def predict_stream(items: Iterable, forward_fn: Forward, n_classes: int, batch_size: int = 32,

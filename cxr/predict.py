@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import atomic, gradcam, images, inference, modelinfo, paths
+from . import atomic, gradcam, images, inference, modelinfo, paths, progress
 from .errors import UserError, cli
 from .sources import IMAGE_SUFFIXES
 
@@ -149,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
             def draw(indices, pixels, proba):
                 gradcam.write_overlays(model, pixels, proba, classes, op, [args.gradcam / names[i] for i in indices])
 
-        proba, errors = inference.predict_stream(items, inference.forward(model), len(classes), args.batch_size, on_batch=draw)
+        proba, errors = inference.predict_stream(progress.bar(items, len(files), "predicting"), inference.forward(model), len(classes),
+                                                 args.batch_size, on_batch=draw)
     table = inference.prediction_table([str(f) for f in files], proba, classes, op, errors=errors)
     write_table(table, args.out)
     failed = int((table["error"] != "").sum())

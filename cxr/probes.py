@@ -89,15 +89,15 @@ def run(model, forward_fn, classes: list[str], positive: str, cfg: dict) -> dict
     test = data.load_splits(classes)["test"]
     regions, region_counts = lung_regions(test.images.shape, cfg["box"], test.lungs)
 
-    def score(images: np.ndarray) -> dict:
-        proba = inference.probabilities(model, images, forward_fn=forward_fn).astype(np.float64)
+    def score(images: np.ndarray, name: str) -> dict:
+        proba = inference.probabilities(model, images, forward_fn=forward_fn, desc=f"probe {name}").astype(np.float64)
         return scores(test.labels, proba, classes, positive)
 
     out = {"n": len(test), "positive": positive, "region": region_counts, "box": list(cfg["box"]), "fill": cfg["fill"],
            "chance": {"balanced_accuracy": round(1 / len(classes), 4), "macro_roc_auc": 0.5},
-           "unchanged": score(test.images)}
+           "unchanged": score(test.images, "unchanged")}
     for name, side in PROBES.items():
-        out[name] = score(occlude(test.images, regions, cfg["fill"], side))
+        out[name] = score(occlude(test.images, regions, cfg["fill"], side), name)
         out[name]["retained"] = {k: retained(out[name][f"{k}_roc_auc"], out["unchanged"][f"{k}_roc_auc"])
                                  for k in ("macro", "positive")}
     log.info("probes on %d test images (lung region: %s), macro ROC-AUC (chance 0.5): unchanged %s, lungs hidden %s "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic, data, metrics, models, paths
+from . import atomic, data, metrics, models, paths, progress
 from .modelinfo import model_info, save  # the model file and its info sidecar
 
 log = logging.getLogger("training")
@@ -115,6 +115,32 @@ class Selector:
                 **rounded(self.history[self.best_epoch]), "start": rounded(self.history[0])}
 
 
+def progress_callback(total: int, desc: str, unit: str, shown: tuple[str, ...] = ()):
+    """A Keras callback drawing a progress.bar (on a terminal only): one step per epoch in fit, with the epoch's
+    logs named in `shown` (loss, validation figures) beside it, or one per batch in predict."""
+    import keras
+
+    class _Bar(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.bar = progress.bar(total=total, desc=desc, unit=unit)
+
+        on_predict_begin = on_train_begin
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.bar.set_postfix({k: f"{logs[k]:.4f}" for k in shown if k in (logs or {})}, refresh=False)
+            self.bar.update()
+
+        def on_predict_batch_end(self, batch, logs=None):
+            self.bar.update()
+
+        def on_train_end(self, logs=None):
+            self.bar.close()
+
+        on_predict_end = on_train_end
+
+    return _Bar()
+
+
 def _sample_weights(labels: np.ndarray, class_weight: dict[int, float] | None) -> np.ndarray:
     """Per-sample weights from class_weights() (all 1 without them)."""
     return np.ones(len(labels), np.float32) if class_weight is None else np.array([class_weight[int(c)] for c in labels], np.float32)
@@ -155,7 +181,9 @@ def baseline(p: dict, classes: list[str], splits: dict[str, data.Subset], live, 
     if cfg["feature_cache"]:
         t0 = time.perf_counter()
         extractor = models.feature_extractor(model)
-        x_train, x_val = (extractor.predict(data.batches(s.images, None, bs, cache=False), verbose=0) for s in (tr, va))
+        x_train, x_val = (extractor.predict(data.batches(s.images, None, bs, cache=False), verbose=0,
+                                            callbacks=[progress_callback(-(-len(s) // bs), f"features: {name}", "batch")])
+                          for name, s in (("train", tr), ("val", va)))
         summary["feature_cache_seconds"] = time.perf_counter() - t0
         log.info("cached backbone features for %d images in %.1fs", len(tr) + len(va), summary["feature_cache_seconds"])
         with strategy.scope():
@@ -164,7 +192,8 @@ def baseline(p: dict, classes: list[str], splits: dict[str, data.Subset], live, 
     else:
         trained = model
         aug = data.augmenter(cfg["augment"], cfg["seed"])
-        fit_data = {"x": data.batches(tr.images, tr.labels, bs, shuffle=True, seed=cfg["seed"], augment=aug)}
+        # the dataset shuffles itself (seeded); Keras' own shuffle does not apply to one
+        fit_data = {"x": data.batches(tr.images, tr.labels, bs, shuffle=True, seed=cfg["seed"], augment=aug), "shuffle": False}
         x_val = va.images[..., None].astype(np.float32)
     steps = cfg["epochs"] * int(np.ceil(len(tr) / bs))
     trained.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(cfg["learning_rate"], steps)),
@@ -174,7 +203,8 @@ def baseline(p: dict, classes: list[str], splits: dict[str, data.Subset], live, 
                         cfg["patience"], class_weight=class_weight, start_is_candidate=False)
     t0 = time.perf_counter()
     trained.fit(**fit_data, epochs=cfg["epochs"], class_weight=class_weight,
-                callbacks=[selector.callback(trained), DVCLiveCallback(live=live)], verbose=0)
+                callbacks=[selector.callback(trained), DVCLiveCallback(live=live),
+                           progress_callback(cfg["epochs"], "training", "epoch", ("loss", "val_loss"))], verbose=0)
     seconds = time.perf_counter() - t0
     summary = {**selector.restore(trained), **summary}
     summary["seconds_per_epoch"] = seconds / max(1, summary["epochs_run"])
@@ -237,14 +267,14 @@ def _greedy_soup(model, runs: list, predict_val) -> dict:
     return summary
 
 
-def cache_views(model, lower, images: np.ndarray, views: int, augment, batch_size: int) -> list[np.ndarray]:
+def cache_views(model, lower, images: np.ndarray, views: int, augment, batch_size: int, desc: str | None = None) -> list[np.ndarray]:
     """The frozen part of `model` run once per view: [un-augmented, augmented 1..views], each float16 (N, ...)
-    activations at the input of `lower`'s output boundary."""
+    activations at the input of `lower`'s output boundary. A bar per view named after `desc` (progress.bar)."""
     before = models.before_backbone(model)
     out = []
     for v in range(views + 1):
         parts = []
-        for start in range(0, len(images), batch_size):
+        for start in progress.batches(len(images), batch_size, desc and f"{desc}, view {v + 1} of {views + 1}"):
             x = images[start : start + batch_size, ..., None].astype(np.float32)
             if v and augment is not None:
                 x = augment(x, training=True)
@@ -296,8 +326,8 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
     t0 = time.perf_counter()
     if cfg["views"]:
         lower, top = models.split_backbone(model, cfg["unfreeze_from"])
-        train_views = cache_views(model, lower, tr.images, cfg["views"], aug, bs)
-        val_x = cache_views(model, lower, va.images, 0, None, bs)[0].astype(np.float32)
+        train_views = cache_views(model, lower, tr.images, cfg["views"], aug, bs, "caching train")
+        val_x = cache_views(model, lower, va.images, 0, None, bs, "caching val")[0].astype(np.float32)
         with strategy.scope():
             inp = keras.Input(top.input.shape[1:], name="boundary")
             out = model.get_layer("predictions")(model.get_layer("dropout")(model.get_layer("pool")(top(inp))))
@@ -321,7 +351,9 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
         if cfg["views"]:
             fit_data = {"x": _view_batches(train_views, onehot, _sample_weights(tr.labels, class_weight), bs, seed)}
         else:
-            fit_data = {"x": data.batches(tr.images, onehot, bs, shuffle=True, seed=seed, augment=aug), "class_weight": class_weight}
+            # the dataset shuffles itself (seeded); Keras' own shuffle does not apply to one
+            fit_data = {"x": data.batches(tr.images, onehot, bs, shuffle=True, seed=seed, augment=aug), "class_weight": class_weight,
+                        "shuffle": False}
         schedule = keras.optimizers.schedules.CosineDecay(0.0, decay_steps=max(1, total - warmup),
                                                           warmup_target=cfg["learning_rate"], warmup_steps=warmup)
         trained.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg["weight_decay"]),
@@ -330,6 +362,8 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
         selector = Selector(lambda: trained.predict(val_x, batch_size=bs, verbose=0), va.labels, positive,
                             cfg["monitor"], cfg["monitor_specificity"], cfg["patience"], class_weight=class_weight)
         callbacks = [selector.callback(trained)] + ([DVCLiveCallback(live=live)] if member == 0 else [])
+        callbacks.append(progress_callback(cfg["epochs"], f"member {member + 1} of {cfg['members']}" if cfg["members"] > 1 else "fine-tuning",
+                                           "epoch", ("loss", "val_loss", f"val_{cfg['monitor']}")))
         trained.fit(**fit_data, epochs=cfg["epochs"], callbacks=callbacks, verbose=0)
         runs.append((selector.restore(trained), trained.get_weights(), selector))
         if cfg["members"] > 1:

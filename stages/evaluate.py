@@ -2,8 +2,11 @@
 
 Baseline and fine-tuned model on the test split -> metrics/evaluate/*.json, plots/evaluate/, and the
 triage threshold beside each model (models/<name>.operating_point.json) for `predict`."""
-from cxr import evaluation, params
-from cxr.errors import cli
+from cxr import quiet
+
+quiet.tensorflow()  # first: TensorFlow reads its log level once, when the imports below load it
+from cxr import evaluation, params  # noqa: E402
+from cxr.errors import cli  # noqa: E402
 
 
 @cli

@@ -3,8 +3,11 @@
 The fine-tuned model, without retraining, on each set of `external.sets` (metrics/external/<set>.json, ROC
 points in plots/external/<set>.json), and on the test split with the lung region hidden and with only it shown
 (metrics/external/probes.json)."""
-from cxr import external, params, sources
-from cxr.errors import cli
+from cxr import quiet
+
+quiet.tensorflow()  # first: TensorFlow reads its log level once, when the imports below load it
+from cxr import external, params, sources  # noqa: E402
+from cxr.errors import cli  # noqa: E402
 
 
 @cli

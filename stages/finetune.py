@@ -1,6 +1,9 @@
 """finetune: unfreeze the top of the backbone -> models/finetuned.keras, curves in metrics/finetune/."""
-from cxr.errors import cli
-from cxr.training import run_stage
+from cxr import quiet
+
+quiet.tensorflow()  # first: TensorFlow reads its log level once, when the imports below load it
+from cxr.errors import cli  # noqa: E402
+from cxr.training import run_stage  # noqa: E402
 
 
 @cli

@@ -3,6 +3,7 @@ repository built in a temporary folder."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -55,11 +56,12 @@ def set_params(path: Path, overrides: dict) -> None:
 
 
 def env() -> dict:
-    """The test's Python first on PATH (dvc.yaml runs `python`), no outside data or credentials."""
+    """The test's Python first on PATH (dvc.yaml runs `python`), no outside data or credentials, and
+    TensorFlow's log level left to the stages (cxr.quiet), as a user's shell leaves it."""
     e = dict(os.environ)
     e["PATH"] = str(Path(sys.executable).parent) + os.pathsep + e.get("PATH", "")
     e.pop("CXR_DATA_DIR", None)
-    e.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    e.pop("TF_CPP_MIN_LOG_LEVEL", None)
     e.setdefault("GIT_AUTHOR_NAME", "test")
     e.setdefault("GIT_AUTHOR_EMAIL", "test@localhost")
     e.setdefault("GIT_COMMITTER_NAME", "test")
@@ -81,6 +83,17 @@ def run(cwd: Path, *args: str, check: bool = True, extra_env: dict | None = None
 
 def dvc(cwd: Path, *args: str, check: bool = True, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     return run(cwd, sys.executable, "-m", "dvc", *args, check=check, extra_env=extra_env)
+
+
+# What must never reach a user's terminal from a run on a CPU-only machine, nor any captured output: a C++
+# error line from TensorFlow (`E0000 00:00:... ] failed call to cuInit`, or the older `...: E tensorflow/...`), a
+# Python warning, or a progress bar drawn where no terminal is (carriage returns, block characters, `40%|`).
+NOISE = re.compile(r"cuInit|failed call|^E\d{4} |^[\d:. -]+: E |\w+Warning: |\r|[\u2588-\u258f]|\d+%\|")
+
+
+def noise(output: str) -> list[str]:
+    """The lines of `output` that look like an error, a warning or a progress bar (NOISE)."""
+    return [line for line in output.split("\n") if NOISE.search(line)]
 
 
 def ran_stages(output: str, with_source: bool = False) -> list[str]:

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from helpers import dvc, ran_stages, set_params
+from helpers import dvc, noise, ran_stages, set_params
 
 pytestmark = pytest.mark.slow  # every test here runs the real dvc CLI
 
@@ -22,6 +22,13 @@ def test_first_repro_runs_every_stage(demo_repo):
     # external comes after evaluate (it reads the operating point); its place beside gradcam is DVC's choice
     assert [s for s in ran if s != "external"] == ["source"] + STAGES
     assert ran.count("external") == 1 and ran.index("external") > ran.index("evaluate")
+
+
+def test_first_repro_prints_no_error_warning_or_bar(demo_repo):
+    """Every stage as `dvc repro` runs it, with output captured (not a terminal), on a machine without a GPU:
+    no TensorFlow C++ error line (`E0000 ... failed call to cuInit`), no Python warning, no progress bar."""
+    log = (demo_repo / "first_repro.log").read_text()
+    assert noise(log) == [], "\n".join(noise(log))
 
 
 def test_outputs(demo_repo):

@@ -17,6 +17,7 @@ from PIL import Image
 from cxr import gradcam, images, predict  # light: the decoding workers import this module too (crashing_decoder)
 from cxr.errors import UserError
 from cxr.images import decode
+from helpers import noise
 
 PROJECT = Path(__file__).resolve().parents[1]
 CLASSES = ["COVID", "Normal", "Viral Pneumonia"]
@@ -104,7 +105,9 @@ def world(tmp_path_factory):
 
 
 def _cli(*args, cwd) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(PROJECT), TF_CPP_MIN_LOG_LEVEL="2")
+    """`python -m cxr ARGS`, stderr not a terminal (no progress bar), TensorFlow's log level left to the command."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONPATH"] = str(PROJECT)
     return subprocess.run([sys.executable, "-m", "cxr", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -184,6 +187,8 @@ def test_cli_predicts_good_files_and_reports_bad_ones(world, tmp_path):
                 "--out", out, "--gradcam", cams, "--batch-size", "4", "--workers", "2", cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
+    # TensorFlow ran a model on a CPU-only machine: no `E0000 ... failed call to cuInit`, no bar (not a terminal)
+    assert noise(proc.stderr) == [], proc.stderr
     assert out.read_text().splitlines()[0] == ",".join(HEADER)
     table = _read(out)
     assert list(table.columns) == HEADER
@@ -226,6 +231,7 @@ def test_cli_all_good_to_stdout_without_operating_point(world, tmp_path):
     shutil.copy(world["model_path"].with_name("m.info.json"), tmp_path / "copy.info.json")
     proc = _cli("predict", world["scans"], "--model", model, "--out", "-", "--batch-size", "32", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    assert noise(proc.stderr) == [], proc.stderr
     table = _read(proc.stdout)
     assert list(table.columns) == HEADER
     assert len(table) == 5 and (table["error"] == "").all() and (table["prediction"] != "").all()
