@@ -71,8 +71,8 @@ def evaluate(proba: dict[str, np.ndarray], labels: dict[str, np.ndarray], classe
                 "macro": {"roc_auc": val["macro"]["roc_auc"]}, "n": val["n"]},
         # The positive class under a dataset-independent key, so experiments on either dataset line up.
         "positive": {"class": positive,
-                     "val": fixed_rates(labels["val"], proba["val"], pos, cfg),
-                     "test": fixed_rates(labels["test"], proba["test"], pos, cfg)},
+                     "val": {"roc_auc": val[pkey]["roc_auc"], **fixed_rates(labels["val"], proba["val"], pos, cfg)},
+                     "test": {"roc_auc": test[pkey]["roc_auc"], **fixed_rates(labels["test"], proba["test"], pos, cfg)}},
         "triage": {
             "class": positive,
             "by": op["by"],
@@ -132,10 +132,30 @@ def write_plots(live, proba: np.ndarray, labels: np.ndarray, classes: list[str],
     atomic.write_json(out / "recall.json", recall)
 
 
+def headline(result: dict) -> dict:
+    """The figures a reviewer compares (metrics/evaluate/<model>.json, what `dvc metrics diff` and `dvc exp show`
+    list), with short keys that are the same on every dataset: `pos` is the dataset's positive class, whatever
+    it is called. val and test: balanced accuracy, macro ROC-AUC, the positive class's ROC-AUC, its sensitivity
+    and specificity at the triage threshold (`sens`, `spec`), sensitivity at specificity 0.95 / 0.98
+    (`sens_spec95`, ...) and specificity at sensitivity 0.95 (`spec_sens95`) as `evaluate` lists them; test
+    also ECE. The full report (per class, CIs, PPV/NPV, confusion) is reports/evaluate/<model>.json."""
+    def figures(split: str) -> dict:
+        rep, pos, triage = result[split], result["positive"][split], result["triage"][split]
+        out = {"bal_acc": rep["balanced_accuracy"], "auc": rep["macro"]["roc_auc"], "pos_auc": pos["roc_auc"],
+               "sens": triage["sensitivity"], "spec": triage["specificity"]}
+        out.update({k.replace("_at_", "_"): v for k, v in pos.items() if k not in ("ci", "roc_auc")})
+        return out
+
+    head = {"threshold": result["triage"]["threshold"], "val": figures("val"), "test": figures("test")}
+    head["test"]["ece"] = result["test"]["ece"]
+    return head
+
+
 def run(classes: list[str], positive: str, cfg: dict, models_to_evaluate: dict[str, Path] | None = None) -> dict[str, dict]:
-    """The evaluate stage (`cfg`: params `evaluate`): each model on the val and test splits -> metrics/evaluate/<name>.json,
-    reports/evaluate/<name>.json, plots/evaluate/<name>/, its operating point sidecar, and for the fine-tuned
-    model reports/test_predictions.csv. Returns the metrics by model name."""
+    """The evaluate stage (`cfg`: params `evaluate`): each model on the val and test splits -> its headline
+    figures in metrics/evaluate/<name>.json, the full report in reports/evaluate/<name>.json,
+    plots/evaluate/<name>/, its operating point sidecar, and for the fine-tuned model
+    reports/test_predictions.csv. Returns the full reports by model name."""
     from dvclive import Live
 
     from . import models
@@ -153,13 +173,12 @@ def run(classes: list[str], positive: str, cfg: dict, models_to_evaluate: dict[s
         proba = {s: inference.probabilities(model, splits[s].images, forward_fn=run_model, desc=f"{name} on {s}").astype(np.float64)
                  for s in ("val", "test")}
         result, threshold = evaluate(proba, labels, classes, positive, cfg)
-        # Headline figures are metrics (what `dvc metrics diff` shows); counts and weighted averages go to a report.
-        details = {"confusion": result["test"].pop("confusion"), "weighted": result["test"].pop("weighted"),
-                   "triage": {k: result["triage"][k] for k in ("val", "test", "test_argmax")}}
-        for k in ("val", "test", "test_argmax"):
-            result["triage"][k] = {m: result["triage"][k][m] for m in ("sensitivity", "specificity", "ppv", "npv")}
-        atomic.write_json(paths.METRICS / "evaluate" / f"{name}.json", result)
-        atomic.write_json(paths.REPORTS / "evaluate" / f"{name}.json", details)
+        # Headline figures are metrics (what `dvc metrics diff` shows); everything else goes to the report.
+        # The fine-tuned model's keys are bare (test.auc); the others' carry the model's name (baseline.test.auc),
+        # so every key is unique and `dvc exp show` can name its column by the key alone.
+        head = headline(result)
+        atomic.write_json(paths.METRICS / "evaluate" / f"{name}.json", head if name == "finetuned" else {name: head})
+        atomic.write_json(paths.REPORTS / "evaluate" / f"{name}.json", result)
         op = cfg["operating_point"]
         modelinfo.write_operating_point(path, positive, threshold, op["by"], op["target"])
         if name == "finetuned":

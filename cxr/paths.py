@@ -18,10 +18,12 @@ METRICS = Path("metrics")
 PLOTS = Path("plots")
 REPORTS = Path("reports")
 
+# metrics/ holds only the figures a reviewer compares (`dvc metrics diff`, `dvc exp show`); counts, records
+# and training logs are reports.
 DOWNLOAD_RECORD = METRICS / "download.json"
-CLEAN_METRICS = METRICS / "clean.json"
+CLEAN_REPORT = REPORTS / "clean.json"
 CLEAN_DROPPED = REPORTS / "clean_dropped.csv"
-SPLIT_METRICS = METRICS / "split.json"
+SPLIT_REPORT = REPORTS / "split.json"
 TEST_PREDICTIONS = REPORTS / "test_predictions.csv"   # evaluate: the fine-tuned model on every test image
 EXTERNAL_SOURCE = Path("data/external.json")     # source: where each external set comes from, fingerprinted
 EXTERNAL_METRICS = METRICS / "external"          # external: <set>.json and probes.json

@@ -388,7 +388,8 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
 
 def run_stage(stage: str) -> None:
     """The train or finetune stage: params -> model file + sidecar, dvclive curves and summary. dvclive writes
-    into a temporary folder that replaces metrics/<stage>/ only when the stage succeeds."""
+    into a temporary folder that replaces reports/<stage>/ (with its markdown report, report.md) only when the
+    stage succeeds."""
     from dvclive import Live
 
     from . import params
@@ -396,11 +397,11 @@ def run_stage(stage: str) -> None:
     t0 = time.perf_counter()
     p = params.load()
     out = paths.BASELINE if stage == "train" else paths.FINETUNED
-    atomic.remove_stale(paths.METRICS / stage, out, paths.sidecar(out, "info"))  # left by a killed run
+    atomic.remove_stale(paths.REPORTS / stage, out, paths.sidecar(out, "info"))  # left by a killed run
     ds = params.dataset(p)
     classes = ds["classes"]
     splits = data.load_splits(classes)
-    with atomic.atomic_dir(paths.METRICS / stage) as tmp:
+    with atomic.atomic_dir(paths.REPORTS / stage) as tmp:
         live = Live(dir=str(tmp), dvcyaml=False, save_dvc_exp=False, report=None)
         if stage == "train":
             model, summary = baseline(p, classes, splits, live, classes.index(ds["positive"]))
@@ -412,5 +413,7 @@ def run_stage(stage: str) -> None:
         live.summary["best"] = {"epoch": summary.pop("best_epoch"), **summary}
         live.summary["seconds"] = timing
         live.make_summary()
+        # dvclive's markdown report (report.md, its curves in static/), drawn once: per epoch it costs ~0.5 s
+        Live(dir=str(tmp), resume=True, dvcyaml=False, save_dvc_exp=False, report="md").make_report()
     log.info("%s: best epoch %s of %s, %s; %s; stage %.1fs", stage, live.summary["best"]["epoch"], live.summary["epochs_run"],
              {k: v for k, v in summary.items() if k.startswith("val_")}, timing, time.perf_counter() - t0)

@@ -1,4 +1,4 @@
-"""finetune: unfreeze the top of the backbone -> models/finetuned.keras, curves in metrics/finetune/."""
+"""finetune: unfreeze the top of the backbone -> models/finetuned.keras, curves in reports/finetune/."""
 from cxr import quiet
 
 quiet.tensorflow()  # first: TensorFlow reads its log level once, when the imports below load it

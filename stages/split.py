@@ -13,7 +13,7 @@ log = logging.getLogger("split")
 def main() -> None:
     t0 = time.perf_counter()
     p = params.load()
-    atomic.remove_stale(paths.SPLIT, paths.SPLIT_METRICS)  # left by a killed run
+    atomic.remove_stale(paths.SPLIT, paths.SPLIT_REPORT)  # left by a killed run
     cfg, classes = p["split"], params.dataset(p)["classes"]
     if not paths.CLEAN_MANIFEST.exists():
         raise UserError(f"{paths.CLEAN_MANIFEST} not found: run `dvc repro clean` first")
@@ -25,7 +25,7 @@ def main() -> None:
     if leaks["total"]:
         raise AssertionError(f"split leaks across train/val/test: {leaks}")
     atomic.write_csv(paths.SPLIT, table)
-    atomic.write_json(paths.SPLIT_METRICS, {**splitting.summary(table, classes), "leakage": leaks})
+    atomic.write_json(paths.SPLIT_REPORT, {**splitting.summary(table, classes), "leakage": leaks})
     sizes = {s: v["total"] for s, v in splitting.summary(table, classes)["sizes"].items()}
     log.info("split %s in %d groups; leakage 0; %.1fs", sizes, table["group"].nunique(), time.perf_counter() - t0)
 

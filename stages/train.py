@@ -1,4 +1,4 @@
-"""train: the frozen-backbone baseline -> models/baseline.keras, per-epoch curves in metrics/train/."""
+"""train: the frozen-backbone baseline -> models/baseline.keras, per-epoch curves in reports/train/."""
 from cxr import quiet
 
 quiet.tensorflow()  # first: TensorFlow reads its log level once, when the imports below load it

@@ -32,7 +32,7 @@ def test_first_repro_prints_no_error_warning_or_bar(demo_repo):
 
 
 def test_outputs(demo_repo):
-    clean = json.loads((demo_repo / "metrics/clean.json").read_text())
+    clean = json.loads((demo_repo / "reports/clean.json").read_text())
     assert clean["seen"] == clean["kept"] + clean["dropped"]
     # demo ships one of each bad file: every one is dropped and listed with its reason
     for reason in ("empty_file", "unreadable", "not_an_image", "exact_duplicate", "unlabeled"):
@@ -48,16 +48,34 @@ def test_outputs(demo_repo):
     assert len(split) == clean["kept"]
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
         assert not set(split.loc[split.split == a, "group"]) & set(split.loc[split.split == b, "group"])
-    assert json.loads((demo_repo / "metrics/split.json").read_text())["leakage"]["total"] == 0
+    assert json.loads((demo_repo / "reports/split.json").read_text())["leakage"]["total"] == 0
 
     for name in ("baseline", "finetuned"):
         assert (demo_repo / f"models/{name}.keras").stat().st_size > 0
         info = json.loads((demo_repo / f"models/{name}.info.json").read_text())
         assert info["classes"] == ["COVID", "Normal", "Viral Pneumonia"]
     for stage in ("train", "finetune"):
-        summary = json.loads((demo_repo / f"metrics/{stage}/metrics.json").read_text())
+        summary = json.loads((demo_repo / f"reports/{stage}/metrics.json").read_text())
         assert summary["epochs_run"] >= 1
-        assert (demo_repo / f"metrics/{stage}/plots/metrics/eval/loss.tsv").exists()
+        assert (demo_repo / f"reports/{stage}/plots/metrics/eval/loss.tsv").exists()
+        # dvclive's markdown report: the summary table and each curve as an image beside it
+        report = (demo_repo / f"reports/{stage}/report.md").read_text()
+        assert "epochs_run" in report and "](static/eval/loss.png)" in report
+        assert (demo_repo / f"reports/{stage}/static/eval/loss.png").stat().st_size > 0
+
+
+def test_metrics_are_the_headline_figures_only(demo_repo):
+    """`dvc metrics show` lists the figures a reviewer compares, not bookkeeping; keys do not name the class."""
+    shown = json.loads(dvc(demo_repo, "metrics", "show", "--json").stdout)
+    files = {f for rev in shown.values() for f in rev["data"]}
+    assert files == {"metrics/evaluate/baseline.json", "metrics/evaluate/finetuned.json", "metrics/gradcam.json",
+                     "metrics/external/demo-seed1.json", "metrics/external/ieee8023.json", "metrics/external/probes.json"}, files
+    head = json.loads((demo_repo / "metrics/evaluate/finetuned.json").read_text())
+    assert "covid" not in json.dumps(sorted(_keys(head))).lower()
+
+
+def _keys(tree: dict, prefix: str = "") -> list[str]:
+    return [k for key, v in tree.items() for k in (_keys(v, f"{prefix}{key}.") if isinstance(v, dict) else [prefix + key])]
 
 
 def test_noop_repro(demo_repo):
@@ -120,7 +138,7 @@ def test_model_init_transfers_and_a_changed_source_model_reruns_training(demo_co
     set_params(demo_copy / "params.yaml", {"model.init": "transfer/start.keras"})
     everything_after_train = sorted(["train", "finetune", "evaluate", "gradcam", "external"])
     assert sorted(ran_stages(dvc(demo_copy, "repro").stdout)) == everything_after_train
-    summary = json.loads((demo_copy / "metrics/train/metrics.json").read_text())
+    summary = json.loads((demo_copy / "reports/train/metrics.json").read_text())
     assert summary["best"]["init"] == {"backbone": 1, "head": 1}
     assert ran_stages(dvc(demo_copy, "repro").stdout) == []
     shutil.copy(demo_copy / "models/baseline.keras", src / "start.keras")  # the source model changed
@@ -128,13 +146,13 @@ def test_model_init_transfers_and_a_changed_source_model_reruns_training(demo_co
 
 
 def test_finetuned_model_beats_chance_and_the_baseline(demo_repo):
-    m = json.loads((demo_repo / "metrics/evaluate/finetuned.json").read_text())
-    base = json.loads((demo_repo / "metrics/evaluate/baseline.json").read_text())
+    m = json.loads((demo_repo / "reports/evaluate/finetuned.json").read_text())
+    base = json.loads((demo_repo / "reports/evaluate/baseline.json").read_text())
     # three balanced classes: chance is 1/3 accuracy and 0.5 AUC
     assert m["test"]["accuracy"] >= 0.6, m["test"]
     assert m["test"]["macro"]["roc_auc"] >= 0.75, m["test"]
     # fine-tuning improves on its starting point, on validation (where the checkpoint is chosen) and on test
-    summary = json.loads((demo_repo / "metrics/finetune/metrics.json").read_text())["best"]
+    summary = json.loads((demo_repo / "reports/finetune/metrics.json").read_text())["best"]
     assert summary["epoch"] >= 1 and summary["val_macro_roc_auc"] > summary["start"]["val_macro_roc_auc"]
     assert m["val"]["macro"]["roc_auc"] > base["val"]["macro"]["roc_auc"]
     assert m["test"]["macro"]["roc_auc"] > base["test"]["macro"]["roc_auc"]
@@ -142,16 +160,15 @@ def test_finetuned_model_beats_chance_and_the_baseline(demo_repo):
 
 def test_evaluate_metrics_and_plots(demo_repo):
     for name in ("baseline", "finetuned"):
-        m = json.loads((demo_repo / f"metrics/evaluate/{name}.json").read_text())
+        m = json.loads((demo_repo / f"reports/evaluate/{name}.json").read_text())
         t = m["test"]
         for key in ("accuracy", "balanced_accuracy", "log_loss", "brier", "ece"):
             assert isinstance(t[key], float), key
         for cls in ("covid", "normal", "viral_pneumonia"):
             assert set(t[cls]) >= {"precision", "sensitivity", "specificity", "f1", "support", "roc_auc", "pr_auc"}
         assert set(t["ci"]) >= {"accuracy", "covid_sensitivity", "covid_specificity", "macro_roc_auc"}
-        details = json.loads((demo_repo / f"reports/evaluate/{name}.json").read_text())
-        assert sum(sum(row.values()) for row in details["confusion"].values()) == t["n"]
-        assert set(details["weighted"]) >= {"precision", "recall", "f1", "roc_auc"}
+        assert sum(sum(row.values()) for row in t["confusion"].values()) == t["n"]
+        assert set(t["weighted"]) >= {"precision", "recall", "f1", "roc_auc"}
         tri = m["triage"]
         assert tri["class"] == "COVID" and 0 <= tri["threshold"] <= 1
         # the threshold was chosen on validation to reach the target sensitivity there
@@ -159,11 +176,18 @@ def test_evaluate_metrics_and_plots(demo_repo):
         pos = m["positive"]
         assert pos["class"] == "COVID"
         for split in ("val", "test"):
-            assert set(pos[split]) == {"sens_at_spec95", "sens_at_spec98", "spec_at_sens95", "ci"}
+            assert set(pos[split]) == {"roc_auc", "sens_at_spec95", "sens_at_spec98", "spec_at_sens95", "ci"}
             assert pos[split]["sens_at_spec98"] <= pos[split]["sens_at_spec95"]
             assert pos[split]["ci"]["sens_at_spec95"]["low"] <= pos[split]["sens_at_spec95"] <= pos[split]["ci"]["sens_at_spec95"]["high"]
         op = json.loads((demo_repo / f"models/{name}.operating_point.json").read_text())
         assert op["threshold"] == pytest.approx(tri["threshold"], abs=1e-6)
+        # the headline: a few short keys, the same on every dataset (pos: the positive class)
+        head = json.loads((demo_repo / f"metrics/evaluate/{name}.json").read_text())
+        head = head if name == "finetuned" else head["baseline"]   # keys unique across files: baseline.test.auc
+        figures = {"bal_acc", "auc", "pos_auc", "sens", "spec", "sens_spec95", "sens_spec98", "spec_sens95"}
+        assert set(head) == {"threshold", "val", "test"} and set(head["val"]) == figures and set(head["test"]) == figures | {"ece"}
+        assert head["threshold"] == tri["threshold"] and head["test"]["sens"] == tri["test"]["sensitivity"]
+        assert head["test"]["pos_auc"] == t["covid"]["roc_auc"] and head["val"]["sens_spec95"] == pos["val"]["sens_at_spec95"]
     html = demo_repo / "plots_html"
     dvc(demo_repo, "plots", "show", "-o", str(html))
     page = (html / "index.html").read_text()
@@ -209,7 +233,7 @@ def test_external_sets_and_probes(demo_repo):
     # the demo's lesions are the signal: a set generated with another seed is still well above chance
     assert pos["roc_auc"] >= 0.6 and m["multiclass"]["macro_roc_auc"] >= 0.6, m
     probes = json.loads((ext / "probes.json").read_text())
-    internal = json.loads((demo_repo / "metrics/evaluate/finetuned.json").read_text())["test"]
+    internal = json.loads((demo_repo / "reports/evaluate/finetuned.json").read_text())["test"]
     assert probes["n"] == internal["n"] and probes["chance"] == {"balanced_accuracy": 0.3333, "macro_roc_auc": 0.5}
     assert probes["unchanged"]["macro_roc_auc"] == pytest.approx(internal["macro"]["roc_auc"], abs=1e-3)
     for probe in ("unchanged", "lungs_hidden", "lungs_only"):
@@ -336,7 +360,7 @@ def test_changes_to_the_local_copy_rerun_download(tmp_path):
 
 
 def test_killed_training_leaves_the_previous_metrics_whole(demo_copy):
-    """dvclive writes into a temporary folder that replaces metrics/train/ only on success: SIGKILL mid-run
+    """dvclive writes into a temporary folder that replaces reports/train/ only on success: SIGKILL mid-run
     leaves the last complete summary in place (never a half-written one for `dvc metrics show`)."""
     import os
     import signal
@@ -346,7 +370,7 @@ def test_killed_training_leaves_the_previous_metrics_whole(demo_copy):
 
     from helpers import env
 
-    before = (demo_copy / "metrics/train/metrics.json").read_bytes()
+    before = (demo_copy / "reports/train/metrics.json").read_bytes()
     set_params(demo_copy / "params.yaml", {"train.epochs": 5000, "train.patience": 5000})
     e = env()
     e.pop("PYTHONPATH", None)
@@ -363,10 +387,10 @@ def test_killed_training_leaves_the_previous_metrics_whole(demo_copy):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert (demo_copy / "metrics/train/metrics.json").read_bytes() == before
+    assert (demo_copy / "reports/train/metrics.json").read_bytes() == before
     # the next run deletes what the killed one left beside its outputs, and completes
     assert list((demo_copy / "metrics").glob(".train.*"))
     set_params(demo_copy / "params.yaml", {"train.epochs": 2, "train.patience": 2})
     subprocess.run([sys.executable, "-m", "stages.train"], cwd=demo_copy, env=e, check=True, capture_output=True)
     assert not list((demo_copy / "metrics").glob(".train.*"))
-    assert json.loads((demo_copy / "metrics/train/metrics.json").read_text())["epochs_run"] == 2
+    assert json.loads((demo_copy / "reports/train/metrics.json").read_text())["epochs_run"] == 2

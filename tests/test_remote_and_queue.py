@@ -57,7 +57,7 @@ def test_queued_experiments_run_in_parallel_workers(demo_copy):
         data = exp["revs"][0]["data"]
         target = data["params"]["params.yaml"]["data"]["evaluate"]["operating_point"]["target"]
         metrics = data["metrics"]["metrics/evaluate/finetuned.json"]["data"]
-        thresholds[target] = metrics["triage"]["threshold"]
+        thresholds[target] = metrics["threshold"]
     assert set(thresholds) == {0.8, 0.99}, exps
     assert thresholds[0.8] != thresholds[0.99]
 
@@ -68,9 +68,9 @@ def test_queued_experiment_runs_its_own_library_code(demo_copy):
     workspace's cxr/ (with the experiment's change), not the checkout the virtualenv was installed from."""
     path = demo_copy / "cxr/evaluation.py"
     source = path.read_text()
-    marker = '    return out, threshold\n'
+    marker = '    return head\n'
     assert marker in source
-    path.write_text(source.replace(marker, '    out["code_marker"] = 7\n' + marker, 1))
+    path.write_text(source.replace(marker, '    head["code_marker"] = 7\n' + marker, 1))
     dvc(demo_copy, "exp", "run", "--queue", "-n", "marked")
     path.write_text(source)  # the workspace goes back; the queued snapshot keeps the change
     dvc(demo_copy, "queue", "start", "-j", "1")
