@@ -308,6 +308,38 @@ def test_changes_to_the_local_copy_rerun_download(tmp_path):
     assert json.loads((repo / "metrics/download.json").read_text())["files"] == 17
 
 
+def test_offline_run_stops_up_front_and_a_failed_download_keeps_its_committed_record(tmp_path):
+    """A failed `download` leaves the committed metrics/download.json and reports/download_dropped.csv as they were
+    (persist: DVC does not delete them first); offline, with neither the dataset nor ImageNet weights, a full
+    `dvc repro` stops at `check`, before any other stage, naming both in one error."""
+    from helpers import make_repo, run
+
+    repo = make_repo(tmp_path / "repo", {"dataset": "covid-radiography"})
+    offline = {"KERAS_HOME": str(tmp_path / "keras-home"), "NO_PROXY": "", "no_proxy": "",
+               **{v: "http://127.0.0.1:9" for v in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy")}}
+    dvc(repo, "repro", "download", extra_env={"CXR_DATA_DIR": str(_local_copy(tmp_path / "copy")), **offline})
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "downloaded")
+    committed = {f: (repo / f).read_bytes() for f in ("metrics/download.json", "reports/download_dropped.csv")}
+    # the local copy is now a corrupt archive: download fails, its committed record stays
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "covid-radiography.zip").write_bytes(b"PK\x03\x04 not really a zip")
+    proc = dvc(repo, "repro", "download", check=False, extra_env={"CXR_DATA_DIR": str(broken), **offline})
+    assert proc.returncode != 0 and "corrupt" in proc.stderr, proc.stderr
+    assert ran_stages(proc.stdout) == ["download"]
+    assert {f: (repo / f).read_bytes() for f in committed} == committed
+    assert run(repo, "git", "status", "--porcelain", "metrics", "reports").stdout == ""
+    # no copy, no network, no cached weights: nothing but `check` runs, and it names both needs at once
+    proc = dvc(repo, "repro", check=False, extra_env=offline)
+    assert proc.returncode != 0
+    assert ran_stages(proc.stdout, with_source=True) == ["check"]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: 2 things this run needs are missing"), proc.stderr
+    assert "(1) dataset covid-radiography" in errors[0] and "(2) ImageNet weights for model.arch=mobilenetv2" in errors[0]
+    assert {f: (repo / f).read_bytes() for f in committed} == committed
+
+
 def test_killed_training_leaves_the_previous_metrics_whole(demo_copy):
     """dvclive writes into a temporary folder that replaces metrics/train/ only on success: SIGKILL mid-run
     leaves the last complete summary in place (never a half-written one for `dvc metrics show`)."""
