@@ -264,8 +264,11 @@ def test_predict_matches_evaluate(demo_repo, tmp_path):
     assert (merged["error"] == "").all()
     for c in ("COVID", "Normal", "Viral Pneumonia"):
         np.testing.assert_allclose(merged[f"p_{c}_pred"], merged[f"p_{c}_eval"], atol=1e-5)
-    assert (merged["prediction_pred"] == merged["prediction_eval"]).all()
-    assert (merged["triage_pred"] == merged["triage_eval"]).all()
+    for c in ("argmax_p", "positive_p"):
+        np.testing.assert_allclose(merged[f"{c}_pred"], merged[f"{c}_eval"], atol=1e-5)
+    for c in ("argmax_class", "triage", "triage_rule"):
+        assert (merged[f"{c}_pred"] == merged[f"{c}_eval"]).all(), c
+    assert merged["triage_eval"].str.endswith("suspected").all()
 
 
 def _local_copy(root: Path, n: int = 6) -> Path:
