@@ -4,6 +4,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -223,6 +224,28 @@ def test_cli_predicts_good_files_and_reports_bad_ones(world, tmp_path):
         with Image.open(p) as img:
             img.load()
             assert img.format == "PNG" and img.mode == "RGB" and min(img.size) >= 256
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_follow_the_umask_and_rows_are_sorted_by_path(world, tmp_path, umask):
+    """The CSV, the Grad-CAM folder and its PNGs get the user's usual mode (not the 0600 of a temporary file);
+    rows come sorted by path, each file once, whatever the order of the arguments."""
+    scans = world["scans"]
+    inputs = [scans / "p2.jpg", world["odd"], scans / "nested", scans / "p1.png", scans / "p2.jpg"]
+    out, cams = tmp_path / "out" / "preds.csv", tmp_path / "cams"
+    old = os.umask(umask)
+    try:
+        code = predict.main([*map(str, inputs), "--model", str(world["model_path"]), "--out", str(out), "--gradcam", str(cams)])
+    finally:
+        os.umask(old)
+    assert code == 0
+    mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731
+    assert mode(out) == 0o666 & ~umask
+    assert mode(cams) == 0o777 & ~umask
+    pngs = sorted(cams.iterdir())
+    assert len(pngs) == 6 and {mode(p) for p in pngs} == {0o666 & ~umask}
+    expected = sorted({world["odd"], scans / "p1.png", scans / "p2.jpg", *(p for p in world["good"] if "nested" in p.parts)})
+    assert _read(out)["path"].tolist() == [str(p) for p in expected]
 
 
 def test_cli_all_good_to_stdout_without_operating_point(world, tmp_path):
