@@ -11,6 +11,7 @@ from . import quiet
 COMMANDS = {
     # name: (module, one-line help)
     "predict": ("cxr.predict", "classify chest X-ray image files with a trained model -> CSV"),
+    "check": ("cxr.needs", "check what a pipeline run needs from outside the project (dataset, ImageNet weights)"),
 }
 
 

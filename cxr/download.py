@@ -1,6 +1,7 @@
 """Getting a dataset into data/raw: a local copy (folder or archive) under CXR_DATA_DIR, else Kaggle, or generated.
 
-Network access happens here and nowhere else in the project.
+Downloads happen here and nowhere else in the project (beside Keras' own download of ImageNet weights);
+cxr.network says why one failed and probes whether a server can be reached.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from . import sources
+from . import network, sources
 from .atomic import atomic_dir
 from .errors import UserError
 from .sources import Drop
@@ -204,6 +205,20 @@ def find_local(name: str, data_dir: str | None) -> Path | None:
     raise UserError(f"{ENV}={data_dir} holds neither {name}/ nor {name}.zip; put the dataset there or unset {ENV} to download it")
 
 
+# --- Kaggle ------------------------------------------------------------------------------------------
+
+DEMO_COMMAND = "dvc exp run --temp -S dataset=demo -S model.weights=none"
+
+
+def dataset_fixes(name: str) -> str:
+    """The ways to get dataset `name` (a Kaggle one) onto this machine, as one sentence: network (and
+    credentials where the dataset needs them), a local copy under CXR_DATA_DIR, or the generated demo."""
+    return (f"Either connect to the internet (public datasets need no Kaggle account; otherwise set KAGGLE_USERNAME "
+            f"and KAGGLE_KEY, or put kaggle.json in ~/.kaggle/), or put a copy of the dataset in a folder, as {name}/ "
+            f"(extracted, Kaggle layout) or {name}.zip, and set {ENV} to that folder, or run offline on the generated "
+            f"demo dataset instead: `{DEMO_COMMAND}` (params.yaml stays as it is; README: Offline, or a first run in minutes)")
+
+
 def _kaggle(handle: str, name: str) -> Path:
     try:
         import kagglehub
@@ -213,11 +228,9 @@ def _kaggle(handle: str, name: str) -> Path:
     try:
         return Path(kagglehub.dataset_download(handle))
     except Exception as err:  # kagglehub raises requests/HTTP errors of many kinds
-        first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        raise UserError(
-            f"cannot download {handle} from Kaggle ({first}). Either connect to the internet "
-            f"(Kaggle credentials only if the dataset needs them), or set {ENV} to a folder holding {name}/ or {name}.zip"
-        ) from None
+        why = network.reason(err)
+        why += f" (is datasets.{name}.kaggle right?)" if "HTTP 404" in why else ""
+        raise UserError(f"cannot download dataset {name} from Kaggle ({handle}): {why}. {dataset_fixes(name)}") from None
 
 
 def fingerprint(root: Path) -> dict:

@@ -86,14 +86,14 @@ def evaluate(proba: dict[str, np.ndarray], labels: dict[str, np.ndarray], classe
     return out, threshold
 
 
-def prediction_table(subset: data.Subset, proba: np.ndarray, classes: list[str], positive: str, threshold: float):
-    """One row per test image: file, label, prediction, p_<class>..., triage decision at the threshold.
-    inference.prediction_table (predict's table, keyed by `file`) with the true label added, the always
-    empty `error` column left out and probabilities rounded to 6 decimals."""
-    table = inference.prediction_table(subset.files, proba, classes, {"class": positive, "threshold": threshold}, key="file")
+def prediction_table(subset: data.Subset, proba: np.ndarray, classes: list[str], operating_point: dict):
+    """One row per test image: file, label, then predict's columns (argmax_class, argmax_p, p_<class>...,
+    positive_p, triage, triage_rule) at the saved operating point: inference.prediction_table keyed by `file`,
+    with the true label added, the always empty `error` column left out and probabilities rounded to 6 decimals."""
+    table = inference.prediction_table(subset.files, proba, classes, operating_point, key="file")
     table.insert(1, "label", [classes[i] for i in subset.labels])
-    for c in classes:
-        table[f"p_{c}"] = table[f"p_{c}"].astype(np.float64).round(6)
+    for c in ["argmax_p", *[f"p_{c}" for c in classes], "positive_p"]:
+        table[c] = table[c].astype(np.float64).round(6)
     return table.drop(columns="error")
 
 
@@ -181,8 +181,9 @@ def run(classes: list[str], positive: str, cfg: dict, models_to_evaluate: dict[s
         atomic.write_json(paths.REPORTS / "evaluate" / f"{name}.json", result)
         op = cfg["operating_point"]
         modelinfo.write_operating_point(path, positive, threshold, op["by"], op["target"])
-        if name == "finetuned":
-            atomic.write_csv(paths.TEST_PREDICTIONS, prediction_table(splits["test"], proba["test"], classes, positive, threshold))
+        if name == "finetuned":  # at the operating point as predict reads it back, so both tables agree
+            saved = modelinfo.read_operating_point(path, classes)
+            atomic.write_csv(paths.TEST_PREDICTIONS, prediction_table(splits["test"], proba["test"], classes, saved))
         live = Live(dir=str(paths.PLOTS / "evaluate" / name), dvcyaml=False, save_dvc_exp=False, report=None)
         write_plots(live, proba["test"], labels["test"], classes, positive)
         t = result["triage"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic, data, inference, metrics, panels, paths, progress
+from . import atomic, data, inference, metrics, modelinfo, panels, paths, progress
 
 log = logging.getLogger("gradcam")
 
@@ -189,7 +189,8 @@ def overlay_names(files: list[Path]) -> list[str]:
 def write_overlays(model, pixels: np.ndarray, proba: np.ndarray, classes: list[str], operating_point: dict | None,
                    files: list[Path], alpha: float = 0.4) -> None:
     """For a batch of images and their probabilities: the Grad-CAM overlay of each one's predicted class,
-    titled with the prediction (and triage call), as PNG files (panels.render); none for non-finite rows."""
+    titled with the argmax class and, under it, the triage call with the positive class's probability against the
+    threshold (the two can differ), as PNG files (panels.render); none for non-finite rows."""
     finite = np.isfinite(proba).all(axis=1)
     pred = np.nan_to_num(proba).argmax(axis=1)
     cams = heatmaps(model, pixels, pred, batch_size=len(pixels))
@@ -197,5 +198,9 @@ def write_overlays(model, pixels: np.ndarray, proba: np.ndarray, classes: list[s
     for k, path in enumerate(files):
         if not finite[k]:
             continue
-        title = f"{classes[pred[k]]} p={proba[k, pred[k]]:.3f}" + (f"  ({calls[k]})" if operating_point is not None else "")
+        title = f"argmax {classes[pred[k]]} p={proba[k, pred[k]]:.3f}"
+        if operating_point is not None:
+            pos_p = float(proba[k, classes.index(operating_point["class"])])
+            sign = ">=" if calls[k] == modelinfo.triage_labels(operating_point["class"])[0] else "<"
+            title += f"\ntriage: {calls[k]} (positive_p {pos_p:.3f} {sign} {operating_point['threshold']:.3g})"
         panels.save_png(path, panels.render(pixels[k], cams[k], alpha, title))

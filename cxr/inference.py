@@ -1,7 +1,7 @@
 """Running a trained model on images: the one forward pass and the one prediction table.
 
     uint8 (N, S, S) raw 0..255 pixels -> forward (the model does its own preprocessing) -> float32 (N, classes)
-      -> prediction_table: key, prediction, p_<class>..., triage, error
+      -> prediction_table: key, argmax_class, argmax_p, p_<class>..., positive_p, triage, triage_rule, error
 
 evaluate, gradcam, `python -m cxr predict` and bench/predict.py all run models through `forward`, and
 evaluate's reports/test_predictions.csv and predict's CSV are both built by `prediction_table`, so the test
@@ -96,8 +96,8 @@ def predict_stream(items: Iterable, forward_fn: Forward, n_classes: int, batch_s
 
 
 def triage(proba: np.ndarray, classes: Sequence[str], operating_point: dict | None) -> np.ndarray:
-    """The triage column: `<class>-positive` where the positive class's probability reaches the operating
-    point's threshold (compared in float64), `<class>-negative` elsewhere; '' without an operating point."""
+    """The triage column: `<class> suspected` where the positive class's probability reaches the operating
+    point's threshold (compared in float64), `<class> not suspected` elsewhere; '' without an operating point."""
     proba = np.asarray(proba, np.float64).reshape(-1, len(classes))
     if operating_point is None:
         return np.full(len(proba), "", dtype=object)
@@ -107,15 +107,23 @@ def triage(proba: np.ndarray, classes: Sequence[str], operating_point: dict | No
 
 
 def columns(classes: Sequence[str], key: str = "path") -> list[str]:
-    return [key, "prediction", *[f"p_{c}" for c in classes], "triage", "error"]
+    return [key, "argmax_class", "argmax_p", *[f"p_{c}" for c in classes], "positive_p", "triage", "triage_rule", "error"]
 
 
 def prediction_table(keys: Sequence[str], proba: np.ndarray, classes: Sequence[str], operating_point: dict | None = None, *,
                      errors: Sequence[str] | None = None, key: str = "path"):
-    """One row per image (pandas DataFrame, columns()): `key` (the file), prediction (argmax class),
-    p_<class> (float32), triage (see triage()), error. A row with an error (a file that could not be
-    decoded), or whose probabilities are not finite (a broken model: never a triage call on NaN), has
-    empty prediction, probabilities and triage and says why in `error`."""
+    """One row per image (pandas DataFrame, columns()), in the order of `keys`:
+      `key`         the file
+      argmax_class  the class with the highest probability, argmax_p its probability
+      p_<class>     every class's probability (float32)
+      positive_p    the probability of the operating point's (positive) class: what triage thresholds
+      triage        `<class> suspected` / `<class> not suspected` (see triage()); it can differ from the
+                    argmax, since the threshold is chosen for a sensitivity, not at 0.5
+      triage_rule   the rule in words, with the threshold (modelinfo.triage_rule)
+      error         '' or why the row has no prediction
+    Without an operating point, positive_p, triage and triage_rule are empty. A row with an error (a file that
+    could not be decoded), or whose probabilities are not finite (a broken model: never a triage call on NaN),
+    has every prediction column empty and says why in `error`."""
     import pandas as pd
 
     classes = list(classes)
@@ -125,10 +133,18 @@ def prediction_table(keys: Sequence[str], proba: np.ndarray, classes: Sequence[s
     errors = [e or ("" if ok else NON_FINITE) for e, ok in zip(errors, finite)]
     ok = np.array([e == "" for e in errors], dtype=bool)
     safe = np.nan_to_num(proba)
-    predicted = np.array(classes, dtype=object)[safe.argmax(axis=1)] if len(safe) else np.zeros(0, dtype=object)
-    table = pd.DataFrame({key: list(keys), "prediction": np.where(ok, predicted, "")})
+    best = safe.argmax(axis=1) if len(safe) else np.zeros(0, dtype=int)
+    empty = np.full(len(keys), np.nan, np.float32)
+    table = pd.DataFrame({key: list(keys), "argmax_class": np.where(ok, np.array(classes, dtype=object)[best], ""),
+                          "argmax_p": np.where(ok, safe[np.arange(len(safe)), best], np.nan).astype(np.float32)})
     for k, c in enumerate(classes):
         table[f"p_{c}"] = np.where(ok, proba[:, k], np.nan).astype(np.float32)
+    if operating_point is None:
+        table["positive_p"], rule = empty, ""
+    else:
+        table["positive_p"] = table[f"p_{operating_point['class']}"]
+        rule = modelinfo.triage_rule(operating_point)
     table["triage"] = np.where(ok, triage(safe, classes, operating_point), "")
+    table["triage_rule"] = np.where(ok, rule, "")
     table["error"] = errors
     return table[columns(classes, key)]

@@ -4,6 +4,10 @@
     models/finetuned.info.json                classes, positive, image_size, resize, arch, dataset (train/finetune)
     models/finetuned.operating_point.json     class, threshold, by, target (evaluate)
 
+The triage call is `<class> suspected` when the positive class's probability reaches the threshold, whatever
+class has the highest probability (the argmax): with a threshold chosen for sensitivity 0.95 an image can be
+`COVID suspected` while its argmax is `Normal`.
+
 Every reader and writer of these files goes through this module. It does not import TensorFlow, so the
 `predict` command checks its inputs (and prints `--help`) without loading it.
 """
@@ -137,4 +141,13 @@ def read_operating_point(model_path: Path, classes: list[str]) -> dict | None:
 
 def triage_labels(cls: str) -> tuple[str, str]:
     """The triage column's two values for positive class `cls`: (called positive, called negative)."""
-    return f"{cls}-positive", f"{cls}-negative"
+    return f"{cls} suspected", f"{cls} not suspected"
+
+
+def triage_rule(operating_point: dict) -> str:
+    """The triage call in words, for the prediction tables' `triage_rule` column: the threshold on the
+    positive class's probability (positive_p) and how evaluate chose it on the validation split."""
+    rule = f"{operating_point['class']} suspected when positive_p >= {operating_point['threshold']:.6g}"
+    if operating_point.get("by") and operating_point.get("target") is not None:
+        rule += f" (threshold chosen on the validation split for {operating_point['by']} {operating_point['target']:g})"
+    return rule

@@ -18,6 +18,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from . import network
+from . import weights as imagenet_weights
 from .errors import UserError
 
 log = logging.getLogger("models")
@@ -46,34 +48,64 @@ def preprocess_layers(arch: str) -> list[keras.layers.Layer]:
     raise UserError(f"unknown model.arch {arch!r}; choose one of {', '.join(BACKBONES)}")
 
 
-def _weights_arg(weights: str, arch: str) -> str | None:
-    if weights == "none":
+def _weights_arg(source: str, arch: str) -> str | None:
+    if source == "none":
         return None
-    if weights == "imagenet":
+    if source == "imagenet":
         return "imagenet"
-    path = Path(weights).expanduser()
+    path = Path(source).expanduser()
     if not path.is_file():
-        raise UserError(f"model.weights: {weights} is not a file (use imagenet, none, or a path to {arch} ImageNet weights, include_top=False)")
+        raise UserError(f"model.weights: {source} is not a file (use imagenet, none, or a path to {arch} ImageNet weights, include_top=False)")
     return str(path)
 
 
-def backbone(arch: str, image_size: int, weights: str, alpha: float = 1.0) -> keras.Model:
-    """The keras.applications backbone without its top, input (S, S, 3) preprocessed pixels."""
+def _shape_detail(message: str) -> str:
+    """What differs, from Keras' message on weights that do not fit a model (its first line alone often ends
+    in a colon, with the shapes further down), as a short phrase: the first weight whose shape differs, or the
+    layer or weight counts."""
+    one = " ".join(message.split())
+    m = re.search(r"variable\.shape=(\(.*?\)), Received: value\.shape=(\(.*?\))", one)
+    if m:
+        where = re.search(r"Target variable: <Variable path=([^,>]+)", one)
+        return f"{where.group(1) if where else 'a weight'} has shape {m.group(2)} in the file, {m.group(1)} in this model"
+    m = re.search(r"for weight (\S+?)\.? Weight expects shape (\(.*?\))\. Received saved weight with shape (\(.*?\))", one)
+    if m:
+        return f"{m.group(1)} has shape {m.group(3)} in the file, {m.group(2)} in this model"
+    m = re.search(r"Layer '([^']+)' expected (\d+) variables, but received (\d+)", one)
+    if m:
+        return f"layer {m.group(1)} has {m.group(3)} weights in the file, {m.group(2)} in this model"
+    m = re.search(r"Model expected (\d+) layers, found (\d+) saved layers", one)
+    if m:
+        return f"the file holds {m.group(2)} layers, this model {m.group(1)}"
+    first = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    return first.rstrip(":") or "the shapes differ"
+
+
+def _weights_that_do_not_fit(source: str, arch: str, alpha: float, image_size: int, detail: str) -> UserError:
+    width = "set model.alpha to the file's width, or " if arch == "mobilenetv2" else ""
+    return UserError(f"model.weights={source} does not fit {imagenet_weights.describe(arch, alpha, image_size)}: {detail}. "
+                     f"Use a weights file made for these params (keras.applications names it "
+                     f"{imagenet_weights.file_name(arch, alpha, image_size)}), or {width}set model.weights to imagenet or none")
+
+
+def backbone(arch: str, image_size: int, source: str, alpha: float = 1.0) -> keras.Model:
+    """The keras.applications backbone without its top, input (S, S, 3) preprocessed pixels; `source` is
+    params' model.weights (imagenet, none, or a weights file)."""
     cls = getattr(keras.applications, BACKBONES[arch])
     kwargs = {"alpha": alpha} if arch == "mobilenetv2" else {}
-    w = _weights_arg(weights, arch)
+    w = _weights_arg(source, arch)
     try:
         net = cls(include_top=False, weights=w, input_shape=(image_size, image_size, 3), **kwargs)
     except ValueError as err:
-        raise UserError(f"model.arch={arch}, model.alpha={alpha}, model.weights={weights} and clean.image_size={image_size} "
-                        f"do not fit together: {str(err).splitlines()[0]}") from None
+        raise _weights_that_do_not_fit(source, arch, alpha, image_size, _shape_detail(str(err))) from None
     except Exception as err:  # network errors from the weights download come in many types
         if w != "imagenet":
             raise
+        name = imagenet_weights.file_name(arch, alpha, image_size)
         raise UserError(
-            f"cannot download ImageNet weights for {arch} ({type(err).__name__}: {str(err).splitlines()[0][:150] if str(err) else ''}). "
-            "Offline? Set model.weights to a local weights file (keras.applications format, include_top=False), "
-            "e.g. -S model.weights=path/to/mobilenet_v2_imagenet_1.0_224_no_top.h5, or to none"
+            f"cannot download ImageNet weights for {imagenet_weights.describe(arch, alpha, image_size)} ({network.reason(err)}). "
+            f"Offline? Put {name} (from {imagenet_weights.url(arch, alpha, image_size)}) into {imagenet_weights.cache_dirs()[0]}/, "
+            f"or set model.weights to a local copy of it (-S model.weights=path/to/{name}), or to none"
         ) from None
     net.name = "backbone"
     if w is None:
@@ -125,22 +157,35 @@ def build(arch: str, num_classes: int, image_size: int, weights: str = "imagenet
     return keras.Model(inputs, outputs, name=f"cxr_{arch}")
 
 
-def initialise_from(model: keras.Model, source: str | Path, classes: list[str]) -> dict:
+def _first_difference(mine: keras.Model, theirs: keras.Model) -> str | None:
+    """Where two backbones' weights differ in shape (the first such weight, or their counts); None if nowhere."""
+    for a, b in zip(mine.weights, theirs.weights):
+        if tuple(a.shape) != tuple(b.shape):
+            return f"{b.path} has shape {tuple(b.shape)} in the saved model, {tuple(a.shape)} in this one"
+    if len(mine.weights) != len(theirs.weights):
+        return f"its backbone has {len(theirs.weights)} weights, this one {len(mine.weights)}"
+    return None
+
+
+def initialise_from(model: keras.Model, source: str | Path, classes: list[str], alpha: float) -> dict:
     """Transfer (`model.init`): copy the backbone's weights from a model this project saved (e.g. the
     radiography model into the binary ieee8023 model), and its head too when it was trained on the same
-    classes in the same order. The source must have the same architecture and input size; anything else is
-    one UserError naming the params involved. Returns what was copied."""
+    classes in the same order. The source must have the same architecture, width (`alpha`, params'
+    model.alpha) and input size; anything else is one UserError naming the params involved. Returns what
+    was copied."""
     from . import modelinfo
 
     info = modelinfo.read_info(Path(source))
     src = load(source)
     mine, theirs = get_backbone(model), get_backbone(src)
-    shapes = lambda net: [tuple(w.shape) for w in net.weights]  # noqa: E731
-    if info.get("arch") not in (None, model.name.removeprefix("cxr_")) or shapes(mine) != shapes(theirs) \
-            or src.input_shape[1:] != model.input_shape[1:]:
-        raise UserError(f"model.init: {source} is a {info.get('arch')} model for {info.get('image_size')} px images; "
-                        f"it cannot start this one (model.arch={model.name.removeprefix('cxr_')}, model.alpha and "
-                        f"clean.image_size={model.input_shape[1]} must match it)")
+    arch, size = model.name.removeprefix("cxr_"), model.input_shape[1]
+    other_arch = info.get("arch") not in (None, arch)
+    differs = _first_difference(mine, theirs)
+    if other_arch or differs or src.input_shape[1:] != model.input_shape[1:]:
+        why = f"it is a {info['arch']} model" if other_arch else differs or f"it takes {src.input_shape[1]} px images"
+        raise UserError(f"model.init={source} does not fit {imagenet_weights.describe(arch, alpha, size)}: {why}. Set "
+                        f"model.arch, model.alpha and clean.image_size to the saved model's ({info.get('arch', 'its arch')}, "
+                        f"{info.get('image_size')} px), or model.init to none")
     mine.set_weights(theirs.get_weights())
     same_head = list(info["classes"]) == list(classes)
     if same_head:

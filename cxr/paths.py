@@ -20,7 +20,7 @@ REPORTS = Path("reports")
 
 # metrics/ holds only the figures a reviewer compares (`dvc metrics diff`, `dvc exp show`); counts, records
 # and training logs are reports.
-DOWNLOAD_RECORD = METRICS / "download.json"
+DOWNLOAD_RECORD = REPORTS / "download.json"
 CLEAN_REPORT = REPORTS / "clean.json"
 CLEAN_DROPPED = REPORTS / "clean_dropped.csv"
 SPLIT_REPORT = REPORTS / "split.json"

@@ -5,9 +5,8 @@
       the model while the workers decode the next ones; optional Grad-CAM overlays, gradcam.write_overlays)
       -> inference.prediction_table -> CSV
 
-One CSV row per input file: path, prediction, p_<class> per class, triage, error. A file that cannot be
-decoded gets an error row (`reason: detail`, as cxr.images.DecodeError names it) and the others are still
-predicted. Exit code 0: all predicted; 1: some file failed; 2: usage error (one line, no traceback, found
+One CSV row per input file, sorted by path (EPILOG: the columns). A file that cannot be decoded gets an error
+row (`reason: detail`, as cxr.images.DecodeError names it) and the others are still predicted. Exit code 0: all predicted; 1: some file failed; 2: usage error (one line, no traceback, found
 before any image is decoded: inputs, model and sidecars, a place to write --out); 3: internal error (a bug).
 
 This module parses the arguments and checks where outputs go; the work is done by the library. Nothing
@@ -88,14 +87,26 @@ def _ratio(text: str) -> float:
 
 DESCRIPTION = "Classify chest X-ray image files with a trained model; one CSV row per file."
 EPILOG = f"""\
-CSV columns: path, prediction, p_<class> (one per class, named as in the model's
-.info.json), triage, error.
-  triage  <positive class>-positive or -negative, at the threshold `dvc repro evaluate`
-          saved in <model stem>.operating_point.json (empty if that file is missing)
-  error   empty, or `reason: detail` for a file that could not be decoded
-          (its prediction and probabilities are then empty)
+One row per image file, sorted by path (folders expanded; a file given twice is
+predicted once), whatever the order of the arguments. Columns:
+  path          the file
+  argmax_class  the class with the highest probability; argmax_p its probability
+  p_<class>     each class's probability (names as in the model's .info.json)
+  positive_p    the probability of the positive class (e.g. COVID), which triage uses
+  triage        "<positive class> suspected" or "... not suspected": positive_p at or
+                above the threshold `dvc repro evaluate` chose on the validation split
+                for a target sensitivity (default 0.95), saved in
+                <model stem>.operating_point.json. The threshold is chosen for
+                sensitivity, not where the argmax changes: an image can be "COVID
+                suspected" while its argmax_class is another class, and the other
+                way round.
+  triage_rule   that rule in words, with the threshold
+  error         empty, or `reason: detail` for a file that could not be decoded (its
+                other columns are then empty)
+Without the operating point file, positive_p, triage and triage_rule are empty.
 Folders are searched recursively for {' '.join(sorted(IMAGE_SUFFIXES))}
 files (hidden ones skipped); a file named explicitly is always tried.
+Outputs (the CSV, Grad-CAM PNGs) get the usual permissions of your files (umask).
 Exit status: 0 all files predicted, 1 some file failed (see its error row), 2 usage
 error (one line; found before any image is decoded), 3 internal error (a bug)."""
 

@@ -176,7 +176,7 @@ def baseline(p: dict, classes: list[str], splits: dict[str, data.Subset], live, 
     spec = BASELINE_SPECIFICITY
     summary: dict = {}
     if p["model"]["init"] != "none":
-        summary["init"] = models.initialise_from(model, p["model"]["init"], classes)
+        summary["init"] = models.initialise_from(model, p["model"]["init"], classes, p["model"]["alpha"])
         log.info("started from %s: backbone copied%s", p["model"]["init"], ", head too (same classes)" if summary["init"]["head"] else "")
     if cfg["feature_cache"]:
         t0 = time.perf_counter()

@@ -2,7 +2,7 @@
 
 Offline: CXR_DATA_DIR=<folder holding <dataset>/ or <dataset>.zip>. `demo` is generated, never downloaded.
 Files of a local copy that are not copied (links leaving it, special files) are listed in
-reports/download_dropped.csv and counted in metrics/download.json.
+reports/download_dropped.csv and counted in reports/download.json.
 """
 import logging
 import time

@@ -1,14 +1,17 @@
-"""cxr.download: archive safety, finding a local copy, fetch() from a folder or an archive, and offline failure."""
+"""cxr.download: archive safety, finding a local copy, fetch() from a folder or an archive, and offline failure;
+cxr.network: network failures in words."""
 import io
+import socket
 import stat
 import tarfile
 import time
+import urllib.error
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from cxr import download
+from cxr import download, network
 from cxr.download import ENV, fetch, find_local, safe_extract
 from cxr.errors import UserError
 
@@ -216,9 +219,59 @@ def test_fetch_offline_without_local_copy_names_both_ways_out(tmp_path, monkeypa
     with pytest.raises(UserError) as info:
         fetch("covid-chestxray", DS, dest)
     msg = str(info.value)
-    assert "internet" in msg.lower()
-    assert ENV in msg and "covid-chestxray" in msg
-    assert "bachrr/covid-chest-xray" in msg
+    # one complete line: the dataset, why (in words, not a cut-off exception text), and every way out
+    assert "\n" not in msg
+    assert msg.startswith("cannot download dataset covid-chestxray from Kaggle (bachrr/covid-chest-xray): connection refused")
+    assert "internet" in msg.lower() and "KAGGLE_USERNAME" in msg
+    assert f"covid-chestxray/ (extracted, Kaggle layout) or covid-chestxray.zip, and set {ENV} to that folder" in msg
+    assert f"`{download.DEMO_COMMAND}`" in msg and download.DEMO_COMMAND == "dvc exp run --temp -S dataset=demo -S model.weights=none"
+    assert msg.endswith("(params.yaml stays as it is; README: Offline, or a first run in minutes)")
+    assert "HTTPSConnectionPool" not in msg and "Max retries" not in msg
     assert not dest.exists()
     assert not dest.parent.exists() or list(dest.parent.iterdir()) == []
     print(f"offline download failed in {time.monotonic() - t0:.2f}s")
+
+
+# --- network failures in words ------------------------------------------------------------------------
+
+def _raised(*chain: BaseException) -> BaseException:
+    """The first exception, raised from the next, and so on (as requests wraps urllib3 wraps socket)."""
+    for outer, inner in zip(chain, chain[1:]):
+        outer.__cause__ = inner
+    return chain[0]
+
+
+class _Response:
+    def __init__(self, status):
+        self.status_code = status
+
+
+class _HTTPError(Exception):
+    def __init__(self, status):
+        super().__init__(f"{status} Client Error")
+        self.response = _Response(status)
+
+
+@pytest.mark.parametrize("err, phrase", [
+    (_raised(ConnectionError("HTTPSConnectionPool(host='api.kaggle.com', port=443): Max retries exceeded"),
+             socket.gaierror(-2, "Name or service not known")), "no network (the server's name does not resolve)"),
+    (urllib.error.URLError(ConnectionRefusedError(111, "Connection refused")), "connection refused"),
+    (_raised(OSError("read"), TimeoutError("timed out")), "no answer in time"),
+    (_HTTPError(403), "access refused (HTTP 403): credentials missing or wrong"),
+    (_HTTPError(404), "not found there (HTTP 404)"),
+])
+def test_network_failures_read_as_what_to_do(err, phrase):
+    assert network.reason(err).startswith(phrase)
+
+
+def test_an_unknown_failure_is_cut_at_a_word_never_inside_one():
+    text = network.reason(RuntimeError("word " * 100))
+    assert len(text) <= 170 and text.endswith("word ...") and "  " not in text
+
+
+def test_a_dead_proxy_is_refused_at_once(monkeypatch):
+    for var in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    assert network.reachable("https://api.kaggle.com", timeout=5).startswith("connection refused")

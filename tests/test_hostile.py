@@ -570,8 +570,8 @@ def test_non_finite_model_output_is_an_error_row_not_a_triage_call():
 
     proba, errors = inference.predict_stream(items, forward, len(CLASSES))
     table = inference.prediction_table([str(it.job) for it in items], proba, CLASSES, {"class": "COVID", "threshold": 0.2}, errors=errors)
-    assert table["triage"].tolist() == ["COVID-positive", "", "COVID-positive"]
-    assert table["error"].iloc[1].startswith("non_finite_output: ") and table["prediction"].iloc[1] == ""
+    assert table["triage"].tolist() == ["COVID suspected", "", "COVID suspected"]
+    assert table["error"].iloc[1].startswith("non_finite_output: ") and table["argmax_class"].iloc[1] == ""
 
 
 def test_predict_error_rows_name_the_command_line_limits(tmp_path):

@@ -102,7 +102,7 @@ def test_data_stages_on_a_hostile_local_copy(tmp_path):
     ws = _workspace(tmp_path, SMALL)
     # leftovers of runs killed mid-stage (SIGKILL leaves no chance to clean up)
     for stale in ("data/.raw.k1ll3d/partial.png", "data/.clean.k1ll3d/images-00000.npy", "data/.split.csv.x1.csv",
-                  "metrics/.download.json.x1.json", "metrics/.clean.json.x1.json", "reports/.clean_dropped.csv.x1.csv"):
+                  "reports/.download.json.x1.json", "reports/.clean.json.x1.json", "reports/.clean_dropped.csv.x1.csv"):
         (ws / stale).parent.mkdir(parents=True, exist_ok=True)
         (ws / stale).write_bytes(b"partial")
 
@@ -111,14 +111,14 @@ def test_data_stages_on_a_hostile_local_copy(tmp_path):
     raw = ws / "data" / "raw"
     assert not any(p.is_symlink() for p in raw.rglob("*"))
     assert not any(p.name in ("passwd", "o0.png") for p in raw.rglob("*"))
-    record = json.loads((ws / "metrics" / "download.json").read_text())
+    record = json.loads((ws / "reports" / "download.json").read_text())
     report = pd.read_csv(ws / "reports" / "download_dropped.csv", keep_default_na=False)
     assert {Path(f).name: r for f, r in zip(report["file"], report["reason"])} == not_copied
     assert record["dropped"] == len(report) == 5 and record["files"] == 3 * 8 + 3 + 2
 
     proc = _stage(ws, "clean")
     assert proc.returncode == 0, proc.stderr
-    summary = json.loads((ws / "metrics" / "clean.json").read_text())
+    summary = json.loads((ws / "reports" / "clean.json").read_text())
     assert summary["seen"] == summary["kept"] + summary["dropped"]
     assert summary["dropped_by_reason"] == {"extreme_aspect_ratio": 1, "too_small": 1}
     dropped = pd.read_csv(ws / "reports" / "clean_dropped.csv", keep_default_na=False)
@@ -127,7 +127,7 @@ def test_data_stages_on_a_hostile_local_copy(tmp_path):
     proc = _stage(ws, "split")
     assert proc.returncode == 0, proc.stderr
     table = pd.read_csv(ws / "data" / "split.csv", dtype=str, keep_default_na=False)
-    sizes = json.loads((ws / "metrics" / "split.json").read_text())["sizes"]
+    sizes = json.loads((ws / "reports" / "split.json").read_text())["sizes"]
     assert summary["kept"] == len(table) == sum(s["total"] for s in sizes.values())
     assert {f"{CURRENT}/COVID/images/{n}.png" for n in ("NA", "nan", "None")} <= set(table["file"])
     assert set(table["split"]) == {"train", "val", "test"}
@@ -176,7 +176,7 @@ def test_chestxray_traversal_never_reaches_clean(tmp_path):
     assert _stage(ws, "download", store).returncode == 0
     proc = _stage(ws, "clean")
     assert proc.returncode == 0, proc.stderr
-    summary = json.loads((ws / "metrics" / "clean.json").read_text())
+    summary = json.loads((ws / "reports" / "clean.json").read_text())
     assert summary["dropped_by_reason"] == {"outside_dataset": 3}
     assert summary["seen"] == summary["kept"] + summary["dropped"] == 15
     manifest = pd.read_csv(ws / "data" / "clean" / "manifest.csv", dtype=str, keep_default_na=False)

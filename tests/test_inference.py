@@ -47,18 +47,44 @@ def test_predict_stream_keeps_order_and_errors(model, pixels):
 def test_prediction_table_columns_rows_and_triage():
     proba = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [np.nan, np.nan, np.nan], [0.3, 0.3, 0.4]], np.float32)
     errors = ["", "", "unreadable: truncated", ""]
-    op = {"class": "COVID", "threshold": 0.3}
+    op = {"class": "COVID", "threshold": 0.3, "by": "sensitivity", "target": 0.95}
     table = inference.prediction_table(["a", "b", "c", "d"], proba, CLASSES, op, errors=errors)
-    assert list(table.columns) == ["path", "prediction", "p_COVID", "p_Normal", "p_Viral Pneumonia", "triage", "error"]
-    assert table["prediction"].tolist() == ["COVID", "Normal", "", "Viral Pneumonia"]
-    assert table["triage"].tolist() == ["COVID-positive", "COVID-negative", "", "COVID-positive"]   # 0.3 >= 0.3
+    assert list(table.columns) == ["path", "argmax_class", "argmax_p", "p_COVID", "p_Normal", "p_Viral Pneumonia", "positive_p",
+                                   "triage", "triage_rule", "error"]
+    assert table["path"].tolist() == ["a", "b", "c", "d"]                         # the order of the keys given
+    assert table["argmax_class"].tolist() == ["COVID", "Normal", "", "Viral Pneumonia"]
+    np.testing.assert_allclose(table["argmax_p"], [0.7, 0.8, np.nan, 0.4], rtol=1e-6)
+    np.testing.assert_allclose(table["positive_p"], [0.7, 0.1, np.nan, 0.3], rtol=1e-6)
+    # the last row: the argmax is Viral Pneumonia, and triage still flags COVID (0.3 >= 0.3)
+    assert table["triage"].tolist() == ["COVID suspected", "COVID not suspected", "", "COVID suspected"]
+    rule = "COVID suspected when positive_p >= 0.3 (threshold chosen on the validation split for sensitivity 0.95)"
+    assert table["triage_rule"].tolist() == [rule, rule, "", rule]
     assert table["error"].tolist() == errors and table["p_COVID"].dtype == np.float32
     assert np.isnan(table.loc[2, "p_COVID"])
     # NaN from the model itself: an error row, never a triage call
     broken = inference.prediction_table(["a"], proba[2:3], CLASSES, op, key="file")
     assert list(broken.columns)[0] == "file" and broken["triage"].tolist() == [""]
     assert broken["error"].iloc[0].startswith("non_finite_output: ")
-    assert (inference.prediction_table(["a"], proba[:1], CLASSES)["triage"] == "").all()
+    plain = inference.prediction_table(["a"], proba[:1], CLASSES)                 # no operating point
+    assert (plain[["triage", "triage_rule"]] == "").all().all() and np.isnan(plain["positive_p"]).all()
+
+
+def test_evaluate_table_is_predicts_with_the_label():
+    """reports/test_predictions.csv: predict's columns at the same operating point, the true label after the file,
+    probabilities rounded to 6 decimals, no error column (evaluate never fails a row)."""
+    from cxr import data, evaluation
+
+    proba = np.array([[0.51, 0.3, 0.19], [0.2, 0.45, 0.35]], np.float32)
+    subset = data.Subset(["a.png", "b.png"], np.zeros((2, SIZE, SIZE), np.uint8), np.array([0, 2], np.int32), None)
+    op = {"class": "COVID", "threshold": 0.25, "by": "sensitivity", "target": 0.95}
+    table = evaluation.prediction_table(subset, proba, CLASSES, op)
+    predicted = inference.prediction_table(["a.png", "b.png"], proba, CLASSES, op, key="file")
+    assert list(table.columns) == ["file", "label", *[c for c in predicted.columns if c not in ("file", "error")]]
+    assert table["label"].tolist() == ["COVID", "Viral Pneumonia"]
+    for c in ("argmax_class", "triage", "triage_rule"):
+        assert table[c].tolist() == predicted[c].tolist()
+    assert table["argmax_p"].tolist() == [0.51, 0.45] and table["positive_p"].tolist() == [0.51, 0.2]
+    assert table["triage"].tolist() == ["COVID suspected", "COVID not suspected"]
 
 
 def test_render_is_a_pure_rgb_array():
@@ -82,3 +108,17 @@ def test_heatmaps_and_overlay_files(model, pixels, tmp_path):
     files = [tmp_path / "a.png", tmp_path / "b.png"]
     gradcam.write_overlays(model, pixels[:2], proba, CLASSES, {"class": "COVID", "threshold": 0.5}, files)
     assert files[0].is_file() and not files[1].exists()                            # no picture for a NaN row
+
+
+def test_overlay_titles_keep_the_argmax_and_the_triage_call_apart(model, pixels, tmp_path, monkeypatch):
+    titles = []
+    monkeypatch.setattr(panels, "save_png", lambda path, rgb: None)
+    monkeypatch.setattr(panels, "render", lambda image, cam, alpha, title: titles.append(title))
+    proba = np.array([[0.3, 0.5, 0.2], [0.2, 0.1, 0.7]], np.float32)
+    op = {"class": "COVID", "threshold": 0.25}
+    gradcam.write_overlays(model, pixels[:2], proba, CLASSES, op, [tmp_path / "a.png", tmp_path / "b.png"])
+    assert titles == ["argmax Normal p=0.500\ntriage: COVID suspected (positive_p 0.300 >= 0.25)",
+                      "argmax Viral Pneumonia p=0.700\ntriage: COVID not suspected (positive_p 0.200 < 0.25)"]
+    titles.clear()
+    gradcam.write_overlays(model, pixels[:1], proba[:1], CLASSES, None, [tmp_path / "a.png"])
+    assert titles == ["argmax Normal p=0.500"]

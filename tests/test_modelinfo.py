@@ -56,8 +56,12 @@ def test_missing_info_and_missing_model_are_user_errors(tmp_path):
         modelinfo.read_info(tmp_path / "nope.keras")
 
 
-def test_triage_labels():
-    assert modelinfo.triage_labels("COVID-19") == ("COVID-19-positive", "COVID-19-negative")
+def test_triage_labels_and_rule():
+    assert modelinfo.triage_labels("COVID-19") == ("COVID-19 suspected", "COVID-19 not suspected")
+    op = {"class": "COVID-19", "threshold": 0.4719360065460205, "by": "sensitivity", "target": 0.95}
+    assert modelinfo.triage_rule(op) == ("COVID-19 suspected when positive_p >= 0.471936 "
+                                         "(threshold chosen on the validation split for sensitivity 0.95)")
+    assert modelinfo.triage_rule({**op, "by": None, "target": None}) == "COVID-19 suspected when positive_p >= 0.471936"
 
 
 def test_reading_sidecars_does_not_import_tensorflow(tmp_path):

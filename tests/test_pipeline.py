@@ -19,8 +19,9 @@ STAGES = ["download", "clean", "split", "train", "finetune", "evaluate", "gradca
 def test_first_repro_runs_every_stage(demo_repo):
     log = (demo_repo / "first_repro.log").read_text()
     ran = ran_stages(log, with_source=True)
-    # external comes after evaluate (it reads the operating point); its place beside gradcam is DVC's choice
-    assert [s for s in ran if s != "external"] == ["source"] + STAGES
+    # check first (what the run needs from outside: nothing on demo without ImageNet weights); external comes
+    # after evaluate (it reads the operating point); its place beside gradcam is DVC's choice
+    assert [s for s in ran if s != "external"] == ["check", "source"] + STAGES
     assert ran.count("external") == 1 and ran.index("external") > ran.index("evaluate")
 
 
@@ -137,7 +138,8 @@ def test_model_init_transfers_and_a_changed_source_model_reruns_training(demo_co
         shutil.copy(demo_copy / f"models/finetuned{suffix}", src / f"start{suffix}")
     set_params(demo_copy / "params.yaml", {"model.init": "transfer/start.keras"})
     everything_after_train = sorted(["train", "finetune", "evaluate", "gradcam", "external"])
-    assert sorted(ran_stages(dvc(demo_copy, "repro").stdout)) == everything_after_train
+    # the new model.init reruns the up-front check too (it reads model.*); the changed file alone does not
+    assert sorted(ran_stages(dvc(demo_copy, "repro").stdout)) == sorted(["check", *everything_after_train])
     summary = json.loads((demo_copy / "reports/train/metrics.json").read_text())
     assert summary["best"]["init"] == {"backbone": 1, "head": 1}
     assert ran_stages(dvc(demo_copy, "repro").stdout) == []
@@ -315,8 +317,11 @@ def test_predict_matches_evaluate(demo_repo, tmp_path):
     assert (merged["error"] == "").all()
     for c in ("COVID", "Normal", "Viral Pneumonia"):
         np.testing.assert_allclose(merged[f"p_{c}_pred"], merged[f"p_{c}_eval"], atol=1e-5)
-    assert (merged["prediction_pred"] == merged["prediction_eval"]).all()
-    assert (merged["triage_pred"] == merged["triage_eval"]).all()
+    for c in ("argmax_p", "positive_p"):
+        np.testing.assert_allclose(merged[f"{c}_pred"], merged[f"{c}_eval"], atol=1e-5)
+    for c in ("argmax_class", "triage", "triage_rule"):
+        assert (merged[f"{c}_pred"] == merged[f"{c}_eval"]).all(), c
+    assert merged["triage_eval"].str.endswith("suspected").all()
 
 
 def _local_copy(root: Path, n: int = 6) -> Path:
@@ -356,7 +361,39 @@ def test_changes_to_the_local_copy_rerun_download(tmp_path):
     shutil.copytree(copy, other)
     (other / "covid-radiography/COVID-19_Radiography_Dataset/Normal/images/Normal-1.png").unlink()
     assert ran_stages(dvc(repo, "repro", "download", extra_env={"CXR_DATA_DIR": str(other)}).stdout) == ["download"]
-    assert json.loads((repo / "metrics/download.json").read_text())["files"] == 17
+    assert json.loads((repo / "reports/download.json").read_text())["files"] == 17
+
+
+def test_offline_run_stops_up_front_and_a_failed_download_keeps_its_committed_record(tmp_path):
+    """A failed `download` leaves the committed reports/download.json and reports/download_dropped.csv as they were
+    (persist: DVC does not delete them first); offline, with neither the dataset nor ImageNet weights, a full
+    `dvc repro` stops at `check`, before any other stage, naming both in one error."""
+    from helpers import make_repo, run
+
+    repo = make_repo(tmp_path / "repo", {"dataset": "covid-radiography"})
+    offline = {"KERAS_HOME": str(tmp_path / "keras-home"), "NO_PROXY": "", "no_proxy": "",
+               **{v: "http://127.0.0.1:9" for v in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy")}}
+    dvc(repo, "repro", "download", extra_env={"CXR_DATA_DIR": str(_local_copy(tmp_path / "copy")), **offline})
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "downloaded")
+    committed = {f: (repo / f).read_bytes() for f in ("reports/download.json", "reports/download_dropped.csv")}
+    # the local copy is now a corrupt archive: download fails, its committed record stays
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "covid-radiography.zip").write_bytes(b"PK\x03\x04 not really a zip")
+    proc = dvc(repo, "repro", "download", check=False, extra_env={"CXR_DATA_DIR": str(broken), **offline})
+    assert proc.returncode != 0 and "corrupt" in proc.stderr, proc.stderr
+    assert ran_stages(proc.stdout) == ["download"]
+    assert {f: (repo / f).read_bytes() for f in committed} == committed
+    assert run(repo, "git", "status", "--porcelain", "metrics", "reports").stdout == ""
+    # no copy, no network, no cached weights: nothing but `check` runs, and it names both needs at once
+    proc = dvc(repo, "repro", check=False, extra_env=offline)
+    assert proc.returncode != 0
+    assert ran_stages(proc.stdout, with_source=True) == ["check"]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: 2 things this run needs are missing"), proc.stderr
+    assert "(1) dataset covid-radiography" in errors[0] and "(2) ImageNet weights for model.arch=mobilenetv2" in errors[0]
+    assert {f: (repo / f).read_bytes() for f in committed} == committed
 
 
 def test_killed_training_leaves_the_previous_metrics_whole(demo_copy):

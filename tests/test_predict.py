@@ -4,6 +4,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -22,7 +23,8 @@ from helpers import noise
 PROJECT = Path(__file__).resolve().parents[1]
 CLASSES = ["COVID", "Normal", "Viral Pneumonia"]
 SIZE = 32
-HEADER = ["path", "prediction", "p_COVID", "p_Normal", "p_Viral Pneumonia", "triage", "error"]
+HEADER = ["path", "argmax_class", "argmax_p", "p_COVID", "p_Normal", "p_Viral Pneumonia", "positive_p", "triage", "triage_rule",
+          "error"]
 
 
 def _picture(seed: int, shape=(40, 52)) -> np.ndarray:
@@ -204,17 +206,21 @@ def test_cli_predicts_good_files_and_reports_bad_ones(world, tmp_path):
     assert errors[str(bad / "corrupt.jpg")].split(":")[0] in ("not_an_image", "unreadable")
     assert errors[str(bad / "truncated.png")].startswith("unreadable: ")
     failed = rows.loc[list(errors)]
-    assert (failed[["prediction", "p_COVID", "p_Normal", "p_Viral Pneumonia", "triage"]] == "").all().all()
+    assert (failed[HEADER[1:-1]] == "").all().all()
 
     good = rows.loc[[str(p) for p in world["good"]]]           # the 16-bit PNG among them
     assert (good["error"] == "").all()
     proba = good[["p_COVID", "p_Normal", "p_Viral Pneumonia"]].astype(float).to_numpy()
     reference = inference.probabilities(world["model"], np.stack([decode(p, SIZE, "pad") for p in world["good"]]))
     np.testing.assert_allclose(proba, reference, atol=1e-6, rtol=0)
-    assert good["prediction"].tolist() == [CLASSES[k] for k in reference.argmax(axis=1)]
-    called = np.where(proba[:, 0] >= world["threshold"], "COVID-positive", "COVID-negative")
+    assert good["argmax_class"].tolist() == [CLASSES[k] for k in reference.argmax(axis=1)]
+    np.testing.assert_allclose(good["argmax_p"].astype(float), reference.max(axis=1), atol=1e-6, rtol=0)
+    assert (good["positive_p"] == good["p_COVID"]).all()                 # COVID is the operating point's class
+    called = np.where(proba[:, 0] >= world["threshold"], "COVID suspected", "COVID not suspected")
     assert good["triage"].tolist() == called.tolist()
-    assert {"COVID-positive", "COVID-negative"} <= set(called)
+    assert {"COVID suspected", "COVID not suspected"} <= set(called)
+    rule = f"COVID suspected when positive_p >= {world['threshold']:.6g} (threshold chosen on the validation split for sensitivity 0.95)"
+    assert (good["triage_rule"] == rule).all()
 
     pngs = sorted(cams.iterdir())
     assert len(pngs) == len(world["good"])                    # one per predicted image, unique names
@@ -223,6 +229,28 @@ def test_cli_predicts_good_files_and_reports_bad_ones(world, tmp_path):
         with Image.open(p) as img:
             img.load()
             assert img.format == "PNG" and img.mode == "RGB" and min(img.size) >= 256
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_follow_the_umask_and_rows_are_sorted_by_path(world, tmp_path, umask):
+    """The CSV, the Grad-CAM folder and its PNGs get the user's usual mode (not the 0600 of a temporary file);
+    rows come sorted by path, each file once, whatever the order of the arguments."""
+    scans = world["scans"]
+    inputs = [scans / "p2.jpg", world["odd"], scans / "nested", scans / "p1.png", scans / "p2.jpg"]
+    out, cams = tmp_path / "out" / "preds.csv", tmp_path / "cams"
+    old = os.umask(umask)
+    try:
+        code = predict.main([*map(str, inputs), "--model", str(world["model_path"]), "--out", str(out), "--gradcam", str(cams)])
+    finally:
+        os.umask(old)
+    assert code == 0
+    mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731
+    assert mode(out) == 0o666 & ~umask
+    assert mode(cams) == 0o777 & ~umask
+    pngs = sorted(cams.iterdir())
+    assert len(pngs) == 6 and {mode(p) for p in pngs} == {0o666 & ~umask}
+    expected = sorted({world["odd"], scans / "p1.png", scans / "p2.jpg", *(p for p in world["good"] if "nested" in p.parts)})
+    assert _read(out)["path"].tolist() == [str(p) for p in expected]
 
 
 def test_cli_all_good_to_stdout_without_operating_point(world, tmp_path):
@@ -234,8 +262,8 @@ def test_cli_all_good_to_stdout_without_operating_point(world, tmp_path):
     assert noise(proc.stderr) == [], proc.stderr
     table = _read(proc.stdout)
     assert list(table.columns) == HEADER
-    assert len(table) == 5 and (table["error"] == "").all() and (table["prediction"] != "").all()
-    assert (table["triage"] == "").all()
+    assert len(table) == 5 and (table["error"] == "").all() and (table["argmax_class"] != "").all()
+    assert (table[["positive_p", "triage", "triage_rule"]] == "").all().all()
     assert proc.stderr.count("operating_point.json not found") == 1
     assert not (tmp_path / predict.DEFAULT_OUT).exists()
 

@@ -102,19 +102,22 @@ def test_model_init_copies_the_backbone_and_a_matching_head(tmp_path):
     path = tmp_path / "src.keras"
     modelinfo.save(src, path, modelinfo.model_info(p, CLASSES, "COVID"))
     same = models.build("mobilenetv2", 3, 32, "imagenet", alpha=0.35, init=str(path))  # no download with init
-    assert models.initialise_from(same, path, CLASSES) == {"backbone": 1, "head": 1}
+    assert models.initialise_from(same, path, CLASSES, 0.35) == {"backbone": 1, "head": 1}
     for a, b in zip(src.get_weights(), same.get_weights()):
         np.testing.assert_array_equal(a, b)
     binary = models.build("mobilenetv2", 2, 32, "none", alpha=0.35, init=str(path))
     head = binary.get_layer("predictions").get_weights()
-    assert models.initialise_from(binary, path, ["COVID-19", "non-COVID"]) == {"backbone": 1, "head": 0}
+    assert models.initialise_from(binary, path, ["COVID-19", "non-COVID"], 0.35) == {"backbone": 1, "head": 0}
     for a, b in zip(src.get_layer("backbone").get_weights(), binary.get_layer("backbone").get_weights()):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(head[0], binary.get_layer("predictions").get_weights()[0])
     assert models.pretrained({"weights": "none", "init": str(path)})
     wider = models.build("mobilenetv2", 3, 32, "none", alpha=0.5)
-    with pytest.raises(UserError, match="model.init: .* model.alpha"):
-        models.initialise_from(wider, path, CLASSES)
+    with pytest.raises(UserError) as err:
+        models.initialise_from(wider, path, CLASSES, 0.5)
+    msg = str(err.value)
+    assert msg.startswith(f"model.init={path} does not fit model.arch=mobilenetv2, model.alpha=0.5, clean.image_size=32: "), msg
+    assert "has shape" in msg and "\n" not in msg, msg   # the first weight that differs, on one line
 
 
 def test_model_init_fingerprint_follows_the_file(tmp_path):
@@ -303,13 +306,58 @@ def test_bad_weights_and_model_files_are_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         monkeypatch.setenv(var, "http://127.0.0.1:9")
-    with pytest.raises(UserError, match="model.weights"):
+    with pytest.raises(UserError, match="model.weights") as err:
         models.build("efficientnetb0", 3, 32, "imagenet")
+    assert "efficientnetb0_notop.h5" in str(err.value) and "connection refused" in str(err.value)
 
 
 def test_weights_that_do_not_fit_the_arch_name_the_params(tmp_path):
+    """model.alpha 0.35 (the demo's) with a weights file of width 1.0, or of another architecture: one line naming
+    model.arch, model.alpha, model.weights and clean.image_size, and what differs (not Keras' shape dump)."""
     net = models.backbone("mobilenetv2", 32, "none", alpha=1.0)
     path = tmp_path / "mobilenetv2_alpha1.weights.h5"
     net.save_weights(path)
-    with pytest.raises(UserError, match=r"model.arch=mobilenetv2, model.alpha=0.35, model.weights=.* do not fit together"):
+    with pytest.raises(UserError) as err:
         models.build("mobilenetv2", 3, 32, str(path), alpha=0.35)
+    msg = str(err.value)
+    assert msg.startswith(f"model.weights={path} does not fit model.arch=mobilenetv2, model.alpha=0.35, clean.image_size=32: "), msg
+    assert "Conv1/kernel has shape (3, 3, 3, 32) in the file, (3, 3, 3, 16) in this model" in msg, msg
+    assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5" in msg and "\n" not in msg, msg
+    # another architecture's file: the alpha is not involved, and is not named
+    with pytest.raises(UserError) as err:
+        models.build("efficientnetb0", 3, 32, str(path))
+    msg = str(err.value)
+    assert msg.startswith(f"model.weights={path} does not fit model.arch=efficientnetb0, clean.image_size=32: "), msg
+    assert "model.alpha" not in msg and "\n" not in msg and not msg.rstrip(".").endswith(":"), msg
+
+
+def test_model_init_of_another_arch_names_the_params(tmp_path):
+    from cxr import modelinfo
+
+    src = models.build("mobilenetv2", 3, 32, "none", alpha=0.35)
+    path = tmp_path / "other.keras"
+    modelinfo.save(src, path, {"classes": CLASSES, "positive": "COVID", "image_size": 32, "resize": "pad", "arch": "resnet50",
+                               "dataset": "demo"})
+    with pytest.raises(UserError, match=r"^model.init=.*other.keras does not fit model.arch=mobilenetv2, model.alpha=0.35, "
+                                         r"clean.image_size=32: it is a resnet50 model\. Set model.arch, model.alpha and "
+                                         r"clean.image_size to the saved model's \(resnet50, 32 px\)"):
+        models.initialise_from(src, path, CLASSES, 0.35)
+
+
+@pytest.mark.parametrize("keras_message, expected", [
+    ("A total of 103 objects could not be loaded. Example error message for object <Conv2D name=Conv1, built=True>:\n\n"
+     "The shape of the target variable and the shape of the target value in `variable.assign(value)` must match. "
+     "variable.shape=(3, 3, 3, 16), Received: value.shape=(3, 3, 3, 32). Target variable: <Variable path=Conv1/kernel, "
+     "shape=(3, 3, 3, 16), dtype=float32, value=[[[[-0.18\n  0.009]]]]>\n\nList of objects that could not be loaded:\n[...]",
+     "Conv1/kernel has shape (3, 3, 3, 32) in the file, (3, 3, 3, 16) in this model"),
+    ("Shape mismatch in layer #0 (named Conv1)for weight Conv1/kernel. Weight expects shape (3, 3, 3, 16). "
+     "Received saved weight with shape (3, 3, 3, 32)", "Conv1/kernel has shape (3, 3, 3, 32) in the file, (3, 3, 3, 16) in this model"),
+    ("A total of 104 objects could not be loaded. Example error message for object <Conv2D name=Conv1, built=True>:\n\n"
+     "Layer 'Conv1' expected 1 variables, but received 2 variables during loading. Expected: ['kernel']\n\nList of ...",
+     "layer Conv1 has 2 weights in the file, 1 in this model"),
+    ("Layer count mismatch when loading weights from file. Model expected 106 layers, found 104 saved layers.",
+     "the file holds 104 layers, this model 106"),
+    ("Something else entirely:\nwith detail", "Something else entirely"),
+])
+def test_keras_weight_errors_become_one_phrase(keras_message, expected):
+    assert models._shape_detail(keras_message) == expected
