@@ -114,17 +114,31 @@ def curves(proba: np.ndarray, labels: np.ndarray, classes: list[str]) -> tuple[l
     return roc, pr
 
 
-def write_plots(live, proba: np.ndarray, labels: np.ndarray, classes: list[str], positive: str) -> None:
-    """Plot data read by the top-level `plots:` in dvc.yaml: confusion matrix and calibration of the
-    positive class through dvclive's `log_sklearn_plot`; ROC and precision-recall per class; recall per class."""
+def calibration_bins(y: np.ndarray, score: np.ndarray, n_bins: int = 10) -> list[dict]:
+    """Reliability diagram data for one class: per non-empty bin of equal width, the mean predicted
+    probability, the observed frequency (sklearn.calibration.calibration_curve) and how many images fell in it."""
+    from sklearn.calibration import calibration_curve
+
+    prob_true, prob_pred = calibration_curve(y, score, n_bins=n_bins, strategy="uniform")
+    counts = np.bincount(np.searchsorted(np.linspace(0.0, 1.0, n_bins + 1)[1:-1], score), minlength=n_bins)
+    counts = counts[counts > 0]   # calibration_curve leaves out the empty bins
+    return [{"prob_pred": round(float(p), 5), "prob_true": round(float(t), 5), "count": int(c)}
+            for p, t, c in zip(prob_pred, prob_true, counts)]
+
+
+def write_plots(live, proba: np.ndarray, labels: np.ndarray, classes: list[str], positive: str, ece_bins: int = 10) -> None:
+    """Plot data read by the top-level `plots:` in dvc.yaml: the confusion matrix through dvclive's
+    `log_sklearn_plot`; the positive class's calibration with each bin's image count; ROC and precision-recall
+    per class; recall per class."""
     names = np.array(classes)
     live.log_sklearn_plot("confusion_matrix", names[labels].tolist(), names[proba.argmax(axis=1)].tolist(), name="confusion_matrix.json")
     pos = classes.index(positive)
     y = (labels == pos).astype(int)
-    if 0 < y.sum() < len(y):
-        live.log_sklearn_plot("calibration", y, proba[:, pos], name="calibration.json", n_bins=10)
-    roc, pr = curves(proba, labels, classes)
     out = Path(live.plots_dir)
+    if 0 < y.sum() < len(y):
+        atomic.write_json(out / "calibration.json",
+                          [{"class": positive, **b} for b in calibration_bins(y, proba[:, pos], ece_bins)])
+    roc, pr = curves(proba, labels, classes)
     atomic.write_json(out / "roc.json", roc)
     atomic.write_json(out / "precision_recall.json", pr)
     recall = [{"class": c, "recall": float(((proba.argmax(axis=1) == k) & (labels == k)).sum() / max(1, (labels == k).sum()))}
@@ -185,7 +199,7 @@ def run(classes: list[str], positive: str, cfg: dict, models_to_evaluate: dict[s
             saved = modelinfo.read_operating_point(path, classes)
             atomic.write_csv(paths.TEST_PREDICTIONS, prediction_table(splits["test"], proba["test"], classes, saved))
         live = Live(dir=str(paths.PLOTS / "evaluate" / name), dvcyaml=False, save_dvc_exp=False, report=None)
-        write_plots(live, proba["test"], labels["test"], classes, positive)
+        write_plots(live, proba["test"], labels["test"], classes, positive, cfg["ece_bins"])
         t = result["triage"]
         log.info("%s: test balanced accuracy %.3f, macro ROC-AUC %s; %s sensitivity/specificity %s/%s at argmax, %s/%s at threshold %.4f; "
                  "val/test %s", name, result["test"]["balanced_accuracy"], result["test"]["macro"]["roc_auc"], positive,

@@ -130,9 +130,12 @@ def run(cfg: dict, classes: list[str], box: list[float], model_path: Path = path
     with atomic.atomic_dir(out) as tmp:
         for k, name in enumerate(classes):
             titles = [f"true {name}\npred {classes[proba[i].argmax()]} p={proba[i].max():.2f}" for i in chosen[k]]
+            outlines = test.masks[chosen[k]] if test.masks is not None else None
             panels.figure(tmp / f"{metrics.class_key(name)}.png", test.images[chosen[k]],
                           np.array([cam_of[(i, int(target[i]))] for i in chosen[k]]), titles,
-                          f"Grad-CAM ({explains}): test images of class {name}", cfg["alpha"])
+                          f"Grad-CAM ({explains}): test images of class {name}"
+                          + ("; green: the known lesion" if outlines is not None and outlines.any() else ""),
+                          cfg["alpha"], outlines)
     result = {"images": len(test), "layer": target_layer(model, cfg["min_side"])[1]}
     regions, region_counts = probes.lung_regions(test.images.shape, box, test.lungs)
     explained = np.array([cam_of[(i, int(target[i]))] for i in range(len(test))]).reshape(test.images.shape)

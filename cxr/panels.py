@@ -26,13 +26,38 @@ def pick(labels: np.ndarray, proba: np.ndarray, k: int, n: int) -> list[int]:
     return [int(i) for i in list(wrong[:n_wrong]) + list(right[: n - n_wrong])]
 
 
-def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """RGB uint8 at the image's size: the grayscale X-ray with the map (in [0, 1]) in a 'jet' colour scale on top."""
+OUTLINE = (0, 255, 0)   # the known lesion's outline (demo), drawn over the heatmap
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.4, outline: np.ndarray | None = None) -> np.ndarray:
+    """RGB uint8 at the image's size: the grayscale X-ray with the map (in [0, 1]) in a 'jet' colour scale on
+    top, and the border of `outline` (a bool mask, e.g. the known lesion) in green."""
     from matplotlib import colormaps
 
     rgb = np.repeat(image[..., None].astype(np.float32) / 255.0, 3, axis=-1)
     heat = colormaps["jet"](cam)[..., :3]
-    return (np.clip((1 - alpha) * rgb + alpha * heat, 0, 1) * 255).astype(np.uint8)
+    out = (np.clip((1 - alpha) * rgb + alpha * heat, 0, 1) * 255).astype(np.uint8)
+    if outline is not None and outline.any():
+        from scipy.ndimage import binary_erosion
+
+        out[outline & ~binary_erosion(outline)] = OUTLINE
+    return out
+
+
+def colorbar(height: int, width: int = 18) -> np.ndarray:
+    """A vertical 'jet' scale (RGB uint8), the map's maximum (1) at the top and 0 at the bottom, labelled."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
+
+    ramp = colormaps["jet"](np.linspace(1, 0, height))[:, :3]
+    strip = (np.repeat(ramp[:, None, :], width, axis=1) * 255).astype(np.uint8)
+    font = _font(max(10, height // 20))
+    canvas = Image.new("RGB", (width + 8 + 7 * max(10, height // 20), height), "white")
+    canvas.paste(Image.fromarray(strip, "RGB"), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((width + 4, 0), "max", fill="black", font=font)
+    draw.text((width + 4, height - max(10, height // 20) - 4), "0", fill="black", font=font)
+    return np.asarray(canvas)
 
 
 def _font(px: int):
@@ -60,12 +85,14 @@ def titled(rgb: np.ndarray, title: str, font_px: int | None = None) -> np.ndarra
     return np.asarray(canvas)
 
 
-def render(image: np.ndarray, cam: np.ndarray, alpha: float = 0.4, title: str = "", min_side: int = MIN_SIDE) -> np.ndarray:
-    """uint8 (S, S) X-ray + Grad-CAM map in [0, 1] (S, S) -> RGB uint8 (H, W, 3): the overlay, upscaled to at
-    least min_side pixels across, under a title bar. A pure function: same inputs, same array."""
+def render(image: np.ndarray, cam: np.ndarray, alpha: float = 0.4, title: str = "", min_side: int = MIN_SIDE,
+           outline: np.ndarray | None = None) -> np.ndarray:
+    """uint8 (S, S) X-ray + Grad-CAM map in [0, 1] (S, S) -> RGB uint8 (H, W, 3): the overlay (with `outline`'s
+    border, see overlay()), upscaled to at least min_side pixels across, under a title bar. A pure function:
+    same inputs, same array."""
     from PIL import Image
 
-    rgb = Image.fromarray(overlay(image, cam, alpha), "RGB")
+    rgb = Image.fromarray(overlay(image, cam, alpha, outline), "RGB")
     side = max(min_side, rgb.width)
     if rgb.width != side:
         rgb = rgb.resize((side, side), Image.Resampling.BILINEAR)
@@ -80,14 +107,19 @@ def save_png(path: Path, rgb: np.ndarray) -> None:
         Image.fromarray(rgb, "RGB").save(tmp, format="PNG")
 
 
-def figure(path: Path, images: np.ndarray, cams: np.ndarray, titles: list[str], suptitle: str, alpha: float) -> None:
-    """One row of rendered X-ray + heatmap overlays under the panel's title, saved atomically as PNG."""
-    tiles = [render(img, cam, alpha, title) for img, cam, title in zip(images, cams, titles)]
+def figure(path: Path, images: np.ndarray, cams: np.ndarray, titles: list[str], suptitle: str, alpha: float,
+           outlines: np.ndarray | None = None) -> None:
+    """One row of rendered X-ray + heatmap overlays (with each `outlines` mask's border where given) and the
+    heatmap's colour scale, under the panel's title, saved atomically as PNG."""
+    masks = outlines if outlines is not None else [None] * len(images)
+    tiles = [render(img, cam, alpha, title, outline=m) for img, cam, title, m in zip(images, cams, titles, masks)]
     height = max((t.shape[0] for t in tiles), default=MIN_SIDE)
-    width = sum(t.shape[1] for t in tiles) + GAP * max(0, len(tiles) - 1) if tiles else MIN_SIDE
+    bar = colorbar(min(t.shape[1] for t in tiles) if tiles else MIN_SIDE)
+    width = sum(t.shape[1] for t in tiles) + GAP * len(tiles) + bar.shape[1]
     row = np.full((height, width, 3), 255, np.uint8)
     x = 0
     for t in tiles:
         row[: t.shape[0], x : x + t.shape[1]] = t
         x += t.shape[1] + GAP
+    row[height - bar.shape[0] :, x : x + bar.shape[1]] = bar
     save_png(path, titled(row, suptitle, font_px=MIN_SIDE // 14))

@@ -122,3 +122,22 @@ def test_overlay_titles_keep_the_argmax_and_the_triage_call_apart(model, pixels,
     titles.clear()
     gradcam.write_overlays(model, pixels[:1], proba[:1], CLASSES, None, [tmp_path / "a.png"])
     assert titles == ["argmax Normal p=0.500"]
+
+
+def test_outline_marks_the_masks_border_and_panels_carry_a_colour_scale(tmp_path):
+    from PIL import Image
+
+    image = np.full((SIZE, SIZE), 100, np.uint8)
+    cam = np.zeros((SIZE, SIZE), np.float32)
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[8:20, 8:20] = True
+    out = panels.overlay(image, cam, 0.4, outline=mask)
+    green = (out == panels.OUTLINE).all(axis=-1)
+    assert green[8, 8:20].all() and green[19, 8:20].all() and green[8:20, 8].all()   # the border ...
+    assert not green[9:19, 9:19].any() and not green[~mask].any()                    # ... and only the border
+    np.testing.assert_array_equal(panels.overlay(image, cam, 0.4, outline=np.zeros_like(mask)), panels.overlay(image, cam, 0.4))
+    bar = panels.colorbar(100)
+    assert bar.shape[0] == 100 and tuple(bar[0, 0]) != tuple(bar[-1, 0])             # max at the top, 0 at the bottom
+    panels.figure(tmp_path / "p.png", np.stack([image, image]), np.stack([cam, cam]), ["a", "b"], "t", 0.4, np.stack([mask, mask]))
+    with Image.open(tmp_path / "p.png") as png:
+        assert png.width >= 2 * panels.MIN_SIDE + bar.shape[1]

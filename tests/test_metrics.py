@@ -310,3 +310,26 @@ def test_report_of_a_float32_softmax_does_not_warn():
         warnings.simplefilter("error")
         out = report(np.arange(200) % 3, proba, ["a", "b", "c"])
     assert 0 < out["log_loss"] < 5
+
+
+def test_calibration_bins_count_every_image_and_match_sklearn():
+    from sklearn.calibration import calibration_curve
+
+    from cxr.evaluation import calibration_bins
+
+    rng = np.random.default_rng(0)
+    score = np.concatenate([rng.uniform(0, 1, 200), [0.0, 1.0, 0.5, 0.1, 0.2]])   # bin edges included
+    y = (rng.uniform(0, 1, len(score)) < score).astype(int)
+    bins = calibration_bins(y, score, 10)
+    prob_true, prob_pred = calibration_curve(y, score, n_bins=10)
+    assert sum(b["count"] for b in bins) == len(score)
+    assert [b["prob_true"] for b in bins] == pytest.approx(prob_true, abs=1e-5)
+    assert [b["prob_pred"] for b in bins] == pytest.approx(prob_pred, abs=1e-5)
+    # each bin's count is the number of scores whose mean is its prob_pred
+    edges = np.linspace(0, 1, 11)
+    for b in bins:
+        k = min(int(np.searchsorted(edges[1:-1], b["prob_pred"])), 9)
+        members = score[np.searchsorted(edges[1:-1], score) == k]
+        assert b["count"] == len(members) and b["prob_pred"] == pytest.approx(members.mean(), abs=1e-5)
+    # empty bins are left out, as sklearn leaves them out
+    assert len(calibration_bins(np.array([0, 1]), np.array([0.05, 0.95]), 10)) == 2
