@@ -75,6 +75,19 @@ def test_metrics_are_the_headline_figures_only(demo_repo):
     assert "covid" not in json.dumps(sorted(_keys(head))).lower()
 
 
+def test_the_readmes_exp_show_recipes_fit_in_120_columns(demo_repo):
+    import shlex
+
+    recipes = [line for line in (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+               if line.startswith("dvc exp show --drop")]
+    assert len(recipes) == 2
+    outs = [dvc(demo_repo, *shlex.split(recipe)[1:], "--no-pager", extra_env={"COLUMNS": "400"}).stdout for recipe in recipes]
+    for out in outs:
+        lines = [line for line in out.splitlines() if line.strip()]
+        assert "Experiment" in lines[1] and max(len(line) for line in lines) <= 120, out
+    assert "test.sens_spec95" in outs[0] and "lungs_hidden.retained.positive" in outs[1], outs
+
+
 def _keys(tree: dict, prefix: str = "") -> list[str]:
     return [k for key, v in tree.items() for k in (_keys(v, f"{prefix}{key}.") if isinstance(v, dict) else [prefix + key])]
 
