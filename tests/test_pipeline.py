@@ -429,7 +429,7 @@ def test_killed_training_leaves_the_previous_metrics_whole(demo_copy):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         for _ in range(1500):  # a guard against a hung stage (5 min), not a speed check
-            if list((demo_copy / "metrics").glob(".train.*/metrics.json")):  # dvclive has logged an epoch
+            if list((demo_copy / "reports").glob(".train.*/metrics.json")):  # dvclive has logged an epoch
                 break
             assert proc.poll() is None, "train stopped before logging an epoch"
             time.sleep(0.2)
@@ -440,8 +440,8 @@ def test_killed_training_leaves_the_previous_metrics_whole(demo_copy):
         proc.wait()
     assert (demo_copy / "reports/train/metrics.json").read_bytes() == before
     # the next run deletes what the killed one left beside its outputs, and completes
-    assert list((demo_copy / "metrics").glob(".train.*"))
+    assert list((demo_copy / "reports").glob(".train.*"))
     set_params(demo_copy / "params.yaml", {"train.epochs": 2, "train.patience": 2})
     subprocess.run([sys.executable, "-m", "stages.train"], cwd=demo_copy, env=e, check=True, capture_output=True)
-    assert not list((demo_copy / "metrics").glob(".train.*"))
+    assert not list((demo_copy / "reports").glob(".train.*"))
     assert json.loads((demo_copy / "reports/train/metrics.json").read_text())["epochs_run"] == 2
