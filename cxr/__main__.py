@@ -12,6 +12,7 @@ COMMANDS = {
     # name: (module, one-line help)
     "predict": ("cxr.predict", "classify chest X-ray image files with a trained model -> CSV"),
     "check": ("cxr.needs", "check what a pipeline run needs from outside the project (dataset, ImageNet weights)"),
+    "plots": ("cxr.plots", "the plots (dvc plots show / diff) as one self-contained HTML page that works offline"),
 }
 
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from helpers import dvc, noise, ran_stages, set_params
+from helpers import dvc, noise, ran_stages, run, set_params
 
 pytestmark = pytest.mark.slow  # every test here runs the real dvc CLI
 
@@ -445,3 +445,33 @@ def test_killed_training_leaves_the_previous_metrics_whole(demo_copy):
     subprocess.run([sys.executable, "-m", "stages.train"], cwd=demo_copy, env=e, check=True, capture_output=True)
     assert not list((demo_copy / "reports").glob(".train.*"))
     assert json.loads((demo_copy / "reports/train/metrics.json").read_text())["epochs_run"] == 2
+
+
+def test_offline_plots_page_draws_every_chart_with_nothing_to_load(demo_repo, tmp_path):
+    """`python -m cxr plots`: one HTML file, no script and no address to fetch; every chart dvc.yaml defines is
+    drawn (its SVG, rasterised, has ink), the Grad-CAM panels are inline; and `plots HEAD` compares revisions."""
+    import io
+    import re
+    import sys
+
+    import vl_convert
+
+    out = tmp_path / "page"
+    run(demo_repo, sys.executable, "-m", "cxr", "plots", "-o", str(out))
+    page = (out / "offline.html").read_text()
+    assert "<script" not in page.lower() and not re.search(r'(?:src|href)="(?!data:)[^"#]', page), "the page loads something"
+    shown = json.loads(dvc(demo_repo, "plots", "show", "--json", "-o", str(tmp_path / "dvc")).stdout)["data"]
+    charts = [i for items in shown.values() for i in items if i["type"] == "vega"]
+    svgs = re.findall(r'<div class="plot chart">(<svg.*?</svg>)</div>', page, flags=re.S)
+    assert len(svgs) == len(charts) >= 10, (len(svgs), len(charts))
+    for svg in svgs:
+        rgba = Image.open(io.BytesIO(vl_convert.svg_to_png(svg))).convert("RGBA")
+        drawn = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("L")
+        ink = (np.asarray(drawn) < 200).mean()
+        assert 0.01 < ink < 0.9, ink          # drawn: axes, marks and text, not a blank (or black) box
+        assert re.search(r'class="mark-(?:line|rect|symbol|area)[^"]*".*?<path[^>]* d="M', svg, flags=re.S), "no data marks"
+    for title in ("Calibration of the positive class", "ROC one-vs-rest (test)", "Baseline training loss"):
+        assert title in page, title
+    assert page.count('src="data:image/png;base64,') == 3   # the three Grad-CAM panels
+    run(demo_repo, sys.executable, "-m", "cxr", "plots", "HEAD", "-o", str(tmp_path / "diff"))
+    assert "Plots: HEAD" in (tmp_path / "diff" / "offline.html").read_text()
