@@ -38,7 +38,7 @@ def main() -> None:
     params.validate(p)
     ds = params.dataset(p)
     t0 = time.perf_counter()
-    splits = data.load_splits(ds["classes"])
+    splits = data.load_splits(ds["classes"], only=("train", "val"), masks=False)
     load_s = time.perf_counter() - t0
     n = len(splits["train"])
     print(f"dataset {ds['name']}: {n} train / {len(splits['val'])} val images at {splits['train'].images.shape[1]} px; "

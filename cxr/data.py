@@ -23,8 +23,14 @@ class Subset:
         return len(self.files)
 
 
-def load_splits(classes: list[str], clean_dir: Path = paths.CLEAN, split_csv: Path = paths.SPLIT) -> dict[str, Subset]:
-    """{"train": Subset, "val": ..., "test": ...} from data/clean shards and data/split.csv."""
+SPLITS = ("train", "val", "test")
+
+
+def load_splits(classes: list[str], clean_dir: Path = paths.CLEAN, split_csv: Path = paths.SPLIT, *,
+                only: tuple[str, ...] = SPLITS, masks: bool = True) -> dict[str, Subset]:
+    """{"train": Subset, "val": ..., "test": ...} from data/clean shards and data/split.csv: the splits named in
+    `only`, with their lesion and lung masks unless `masks` is False. Only what is asked for is read into memory
+    (the shards are memory-mapped), so a stage that scores the test split never holds the training images."""
     for p in (clean_dir / "manifest.csv", split_csv):
         if not Path(p).exists():
             raise UserError(f"{p} not found: run `dvc repro split` first")
@@ -39,9 +45,9 @@ def load_splits(classes: list[str], clean_dir: Path = paths.CLEAN, split_csv: Pa
     shards = {int(s): np.load(clean_dir / f"images-{int(s):05d}.npy", mmap_mode="r") for s in table["shard"].unique()}
     # masks-*.npy (lesions) and lungs-*.npy exist where any image has one (manifests of older runs lack has_lungs)
     extra = {kind: {s: np.load(clean_dir / f"{kind}-{s:05d}.npy", mmap_mode="r") for s in shards}
-             for kind, col in (("masks", "has_mask"), ("lungs", "has_lungs")) if col in table and table[col].any()}
+             for kind, col in (("masks", "has_mask"), ("lungs", "has_lungs")) if masks and col in table and table[col].any()}
     out = {}
-    for name in ("train", "val", "test"):
+    for name in only:
         part = table[table["split"] == name]
         pos = list(zip(part["shard"].astype(int), part["index"].astype(int)))
         imgs = np.stack([shards[s][i] for s, i in pos]) if pos else np.zeros((0, 1, 1), np.uint8)

@@ -175,7 +175,7 @@ def run(classes: list[str], positive: str, cfg: dict, models_to_evaluate: dict[s
     from . import models
 
     t0 = time.perf_counter()
-    splits = data.load_splits(classes)
+    splits = data.load_splits(classes, only=("val", "test"), masks=False)
     labels = {s: splits[s].labels for s in ("val", "test")}
     results = {}
     for name, path in (models_to_evaluate or {"baseline": paths.BASELINE, "finetuned": paths.FINETUNED}).items():

@@ -114,7 +114,7 @@ def run(cfg: dict, classes: list[str], box: list[float], model_path: Path = path
     metrics. Each (image, class) map is computed once."""
     from . import models, probes
 
-    test = data.load_splits(classes)["test"]
+    test = data.load_splits(classes, only=("test",))["test"]
     model = models.load(model_path)
     proba = inference.probabilities(model, test.images, desc="test split")
     explains = "predicted class" if cfg["class"] == "predicted" else cfg["class"]

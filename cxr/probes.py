@@ -86,7 +86,7 @@ def run(model, forward_fn, classes: list[str], positive: str, cfg: dict) -> dict
     """The probes (`cfg`: params `external.probes`) on the test split: accuracy, balanced accuracy, macro and
     positive-class ROC-AUC of the unchanged images and of each probe, each probe's retained skill, next to
     chance (balanced accuracy 1/k, AUC 0.5), and which lung region each image had."""
-    test = data.load_splits(classes)["test"]
+    test = data.load_splits(classes, only=("test",))["test"]
     regions, region_counts = lung_regions(test.images.shape, cfg["box"], test.lungs)
 
     def score(images: np.ndarray, name: str) -> dict:

@@ -400,7 +400,7 @@ def run_stage(stage: str) -> None:
     atomic.remove_stale(paths.REPORTS / stage, out, paths.sidecar(out, "info"))  # left by a killed run
     ds = params.dataset(p)
     classes = ds["classes"]
-    splits = data.load_splits(classes)
+    splits = data.load_splits(classes, only=("train", "val"), masks=False)
     with atomic.atomic_dir(paths.REPORTS / stage) as tmp:
         live = Live(dir=str(tmp), dvcyaml=False, save_dvc_exp=False, report=None)
         if stage == "train":

@@ -176,6 +176,9 @@ def test_masks_are_stored_beside_images_and_read_back_per_split(tmp_path, field,
     attr, none = ("masks", "lungs") if field == "mask" else ("lungs", "masks")
     assert np.array_equal(getattr(parts["test"], attr), masks[:1]) and getattr(parts["test"], none) is None
     assert np.array_equal(getattr(parts["train"], attr), masks[1:]) and getattr(parts["val"], attr) is None
+    # a stage asks for what it uses: only those splits, masks only when wanted
+    lean = data.load_splits(CLASSES, out, split, only=("test",), masks=False)
+    assert list(lean) == ["test"] and lean["test"].files == ["a.png"] and lean["test"].masks is lean["test"].lungs is None
 
 
 def test_an_undecodable_lung_mask_drops_its_image_with_the_reason(tmp_path):
