@@ -171,12 +171,26 @@ def score_set(entry: dict, forward_fn, info: dict, op: dict, cfg: dict, ev: dict
     return result, [{"set": entry["name"], **r} for r in roc if r["class"] == op["class"]]
 
 
+BOOKKEEPING = ("source", "counts", "class", "threshold", "ci", "n", "box", "fill", "region", "chance")
+
+
+def headline(result: dict) -> dict:
+    """A set's or the probes' figures without their bookkeeping (counts, CIs, the class and threshold used,
+    the probes' region and chance): what `dvc metrics diff` compares. The whole record is the report."""
+    if not isinstance(result, dict):
+        return result
+    return {k: headline(v) for k, v in result.items()
+            if k not in BOOKKEEPING and (k == "skipped" or not isinstance(v, str))}
+
+
 def run(cfg: dict, ev: dict, clean_cfg: dict, classes: list[str], model_path: Path = paths.FINETUNED,
-        out: Path = paths.EXTERNAL_METRICS, plots_out: Path = paths.EXTERNAL_PLOTS) -> dict[str, dict]:
+        out: Path = paths.EXTERNAL_METRICS, plots_out: Path = paths.EXTERNAL_PLOTS,
+        reports_out: Path = paths.EXTERNAL_REPORTS) -> dict[str, dict]:
     """The external stage (`cfg`: params `external`; `ev`: `evaluate`, for its fixed rates and bootstrap;
-    `clean_cfg`: `clean`, for the decoding limits and workers): every set -> out/<name>.json and
-    plots_out/<name>.json; the shortcut probes on the test split -> out/probes.json. A set whose data is
-    missing is skipped (`{"skipped": reason}`) or, with `external.missing: error`, an error."""
+    `clean_cfg`: `clean`, for the decoding limits and workers): every set -> its figures in out/<name>.json, the
+    whole record (counts that add up, bootstrap CIs, class and threshold) in reports_out/<name>.json, ROC points
+    in plots_out/<name>.json; the shortcut probes on the test split -> out/probes.json (and reports_out/). A set
+    whose data is missing is skipped (`{"skipped": reason}`) or, with `external.missing: error`, an error."""
     info = modelinfo.read_info(model_path)
     if info["classes"] != classes:
         raise UserError(f"{model_path} was trained on classes {info['classes']}, the data has {classes}: rerun `dvc repro`")
@@ -186,7 +200,7 @@ def run(cfg: dict, ev: dict, clean_cfg: dict, classes: list[str], model_path: Pa
     model = inference.load_model(model_path, info)
     forward_fn = inference.forward(model)
     results: dict[str, dict] = {}
-    with atomic.atomic_dir(out) as tmp, atomic.atomic_dir(plots_out) as plots_tmp:
+    with atomic.atomic_dir(out) as tmp, atomic.atomic_dir(plots_out) as plots_tmp, atomic.atomic_dir(reports_out) as rep_tmp:
         for entry in cfg["sets"]:
             name = entry["name"]
             try:
@@ -200,10 +214,12 @@ def run(cfg: dict, ev: dict, clean_cfg: dict, classes: list[str], model_path: Pa
                 p = result["positive"]
                 log.info("%s: %d images scored; %s ROC-AUC %s, sensitivity/specificity %s/%s at threshold %.4f",
                          name, result["counts"]["scored"], p["class"], p["roc_auc"], p["sensitivity"], p["specificity"], op["threshold"])
-            atomic.write_json(tmp / f"{name}.json", result)
+            atomic.write_json(tmp / f"{name}.json", headline(result))
+            atomic.write_json(rep_tmp / f"{name}.json", result)
             if roc:
                 atomic.write_json(plots_tmp / f"{name}.json", roc)
             results[name] = result
         results["probes"] = probes.run(model, forward_fn, classes, op["class"], cfg["probes"])
-        atomic.write_json(tmp / "probes.json", results["probes"])
+        atomic.write_json(tmp / "probes.json", headline(results["probes"]))
+        atomic.write_json(rep_tmp / "probes.json", results["probes"])
     return results

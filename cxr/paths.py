@@ -28,6 +28,7 @@ TEST_PREDICTIONS = REPORTS / "test_predictions.csv"   # evaluate: the fine-tuned
 EXTERNAL_SOURCE = Path("data/external.json")     # source: where each external set comes from, fingerprinted
 EXTERNAL_METRICS = METRICS / "external"          # external: <set>.json and probes.json
 EXTERNAL_PLOTS = PLOTS / "external"              # external: <set>.json, ROC points
+EXTERNAL_REPORTS = REPORTS / "external"          # external: <set>.json and probes.json, with counts and CIs
 
 
 def sidecar(model_path: Path, kind: str) -> Path:

@@ -275,10 +275,23 @@ def test_run_skips_or_fails_on_a_missing_set(monkeypatch, tmp_path):
     monkeypatch.setattr(external.probes, "run", lambda *a: {"n": 0})
     entry = {"name": "ieee8023", "source": "covid-chestxray", "map": {"COVID-19": "COVID"}}
     cfg = {**CFG, "sets": [entry], "probes": {}}
-    out, plots = tmp_path / "m", tmp_path / "p"
-    external.run(cfg, EV, CLEAN, CLASSES, out=out, plots_out=plots)
-    skipped = json.loads((out / "ieee8023.json").read_text())
-    assert list(skipped) == ["skipped"] and "CXR_DATA_DIR is not set" in skipped["skipped"]
-    assert json.loads((out / "probes.json").read_text()) == {"n": 0} and not list(plots.iterdir())
+    out, plots, reports = tmp_path / "m", tmp_path / "p", tmp_path / "r"
+    external.run(cfg, EV, CLEAN, CLASSES, out=out, plots_out=plots, reports_out=reports)
+    for folder in (out, reports):
+        skipped = json.loads((folder / "ieee8023.json").read_text())
+        assert list(skipped) == ["skipped"] and "CXR_DATA_DIR is not set" in skipped["skipped"]
+    assert json.loads((reports / "probes.json").read_text()) == {"n": 0} and not list(plots.iterdir())
+    assert json.loads((out / "probes.json").read_text()) == {}      # n is bookkeeping: the report's
     with pytest.raises(UserError, match="external set ieee8023: CXR_DATA_DIR is not set"):
-        external.run({**cfg, "missing": "error"}, EV, CLEAN, CLASSES, out=out, plots_out=plots)
+        external.run({**cfg, "missing": "error"}, EV, CLEAN, CLASSES, out=out, plots_out=plots, reports_out=reports)
+
+
+def test_headline_keeps_the_figures_and_leaves_the_bookkeeping_to_the_report():
+    record = {"source": "demo", "counts": {"scored": 3},
+              "positive": {"class": "COVID", "threshold": 0.4, "roc_auc": 0.8, "ci": {"roc_auc": {"low": 0.7, "high": 0.9}}},
+              "multiclass": {"accuracy": 0.5}}
+    assert external.headline(record) == {"positive": {"roc_auc": 0.8}, "multiclass": {"accuracy": 0.5}}
+    probes_record = {"n": 9, "positive": "COVID", "box": [0, 0, 1, 1], "fill": "mean", "region": {"box": 9},
+                     "chance": {"macro_roc_auc": 0.5}, "lungs_hidden": {"macro_roc_auc": 0.6, "retained": {"macro": 0.2}}}
+    assert external.headline(probes_record) == {"lungs_hidden": {"macro_roc_auc": 0.6, "retained": {"macro": 0.2}}}
+    assert external.headline({"skipped": "no copy"}) == {"skipped": "no copy"}

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from cxr.external import headline as external_headline
 from helpers import dvc, noise, ran_stages, run, set_params
 
 pytestmark = pytest.mark.slow  # every test here runs the real dvc CLI
@@ -229,8 +230,12 @@ def test_gradcam_outputs(demo_repo):
 
 
 def test_external_sets_and_probes(demo_repo):
-    ext = demo_repo / "metrics/external"
+    ext = demo_repo / "reports/external"     # the whole records; metrics/external/ holds their figures
     assert sorted(p.name for p in ext.iterdir()) == ["demo-seed1.json", "ieee8023.json", "probes.json"]
+    for name in ("demo-seed1.json", "probes.json"):
+        head = json.loads((demo_repo / "metrics/external" / name).read_text())
+        assert head == external_headline(json.loads((ext / name).read_text())) and "counts" not in head and "region" not in head
+        assert "ci" not in json.dumps(head) and all(not isinstance(v, str) for v in head.values())
     # no local copy of ieee8023 in the tests: skipped, saying why
     skipped = json.loads((ext / "ieee8023.json").read_text())
     assert list(skipped) == ["skipped"] and "CXR_DATA_DIR" in skipped["skipped"]
@@ -296,7 +301,7 @@ def test_an_external_local_copy_reruns_only_external(demo_copy, tmp_path):
     external alone, and an unchanged copy reruns nothing."""
     local = {"CXR_DATA_DIR": str(_chestxray_copy(tmp_path / "copy"))}
     assert ran_stages(dvc(demo_copy, "repro", extra_env=local).stdout) == ["external"]
-    m = json.loads((demo_copy / "metrics/external/ieee8023.json").read_text())
+    m = json.loads((demo_copy / "reports/external/ieee8023.json").read_text())
     assert m["counts"]["scored"] == 12 and m["counts"]["positive"] == 6 and m["counts"]["other"] == 6
     assert 0 <= m["positive"]["roc_auc"] <= 1
     assert ran_stages(dvc(demo_copy, "repro", extra_env=local).stdout) == []
