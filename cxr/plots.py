@@ -24,7 +24,7 @@ from .errors import UserError, cli
 
 log = logging.getLogger("plots")
 
-DESCRIPTION = __doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n", 1)[1]
+DESCRIPTION = __doc__
 EPILOG = """examples:
   python -m cxr plots                      # the workspace -> dvc_plots/offline.html
   python -m cxr plots HEAD main -o review  # compare revisions, as `dvc plots diff HEAD main`"""
