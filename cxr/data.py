@@ -1,4 +1,4 @@
-"""Reading the cleaned shards back, per split, and feeding them to Keras through tf.data."""
+"""Reading the cleaned shards back, per split, and feeding them to Keras in batches (keras.utils.PyDataset)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,38 +59,47 @@ def load_splits(classes: list[str], clean_dir: Path = paths.CLEAN, split_csv: Pa
 
 
 def augmenter(cfg: dict, seed: int):
-    """Light, anatomy-preserving augmentation as Keras layers (identity outside training)."""
+    """Light, anatomy-preserving augmentation (params train.augment) as one Keras layer, augment.RandomAffine
+    (identity outside training), or None when every setting is off."""
+    from .augment import RandomAffine
+
+    if not (cfg["rotation"] or cfg["translation"] or cfg["zoom"] or cfg["flip"]):
+        return None
+    return RandomAffine(cfg["rotation"], cfg["translation"], cfg["zoom"], bool(cfg["flip"]), seed=seed, name="augment")
+
+
+def batches(images, labels: np.ndarray | None = None, batch_size: int = 64, *, shuffle: bool = False, seed: int = 0,
+            sample_weights: np.ndarray | None = None):
+    """A keras.utils.PyDataset (any Keras backend, no TensorFlow needed) of float32 raw pixels (B, S, S, 1), with
+    `labels` (and `sample_weights`) where given: read from `images` (uint8 (N, S, S), an array or a split's rows)
+    one batch at a time, so only the batch is converted to float. In order, or with `shuffle` in a new order
+    every epoch drawn from (seed, epoch), so a run is reproducible. Augmentation is not done here: it is part of
+    the model being trained (see training.augmented), where it runs on the accelerator."""
     import keras
 
-    layers = []
-    if cfg["rotation"]:
-        layers.append(keras.layers.RandomRotation(cfg["rotation"], fill_mode="constant", seed=seed))
-    if cfg["translation"]:
-        layers.append(keras.layers.RandomTranslation(cfg["translation"], cfg["translation"], fill_mode="constant", seed=seed + 1))
-    if cfg["zoom"]:
-        layers.append(keras.layers.RandomZoom(cfg["zoom"], fill_mode="constant", seed=seed + 2))
-    if cfg["flip"]:
-        layers.append(keras.layers.RandomFlip("horizontal", seed=seed + 3))
-    return keras.Sequential(layers, name="augment") if layers else None
+    n = len(images)
 
+    class Batches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__()
+            self.epoch = 0
+            self.order = np.random.default_rng([seed, 0]).permutation(n) if shuffle else None
 
-def batches(images: np.ndarray, labels: np.ndarray | None, batch_size: int, *, shuffle: bool = False, seed: int = 0, augment=None, cache: bool = True):
-    """A tf.data pipeline of (float32 raw pixels (B, S, S, 1), labels): shuffled, batched, augmented in
-    parallel, prefetched. The uint8 arrays stay in memory; only batches are converted to float."""
-    import tensorflow as tf
+        def __len__(self):
+            return -(-n // batch_size)
 
-    x = images[..., None]
-    ds = tf.data.Dataset.from_tensor_slices((x, labels) if labels is not None else x)
-    if cache:
-        ds = ds.cache()
-    if shuffle:
-        ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
+        def on_epoch_end(self):
+            self.epoch += 1
+            if shuffle:
+                self.order = np.random.default_rng([seed, self.epoch]).permutation(n)
 
-    def to_float(x, *y):
-        x = tf.cast(x, tf.float32)
-        if augment is not None:
-            x = augment(x, training=True)
-        return (x, *y) if y else x
+        def __getitem__(self, i):
+            idx = slice(i * batch_size, min(n, (i + 1) * batch_size))
+            if shuffle:  # sorted within the batch: neighbouring rows are read together
+                idx = np.sort(self.order[idx])
+            x = np.asarray(images[idx], dtype=np.float32)[..., None]
+            if labels is None:
+                return (x,)
+            return (x, labels[idx]) if sample_weights is None else (x, labels[idx], sample_weights[idx])
 
-    return ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
+    return Batches()

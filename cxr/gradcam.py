@@ -19,8 +19,9 @@ log = logging.getLogger("gradcam")
 
 def target_layer(model, min_side: int = 7):
     """(backbone, name of its target layer): the last layer with a 4-D output at least `min_side` pixels
-    across (padding layers excepted). At the usual 224 px that is the last conv feature map (7x7 for all
-    four architectures); for small inputs, whose last map is 2x2, an earlier and finer one."""
+    across (padding layers excepted) where the backbone can be cut, i.e. nothing above it reads a tensor below
+    it. At the usual 224 px that is the last conv feature map (7x7 for all four architectures); for small
+    inputs, whose last map is 2x2, an earlier and finer one, at a block's end."""
     net = model.get_layer("backbone")
     import keras
 
@@ -28,42 +29,72 @@ def target_layer(model, min_side: int = 7):
             if len(layer.output.shape) == 4 and not isinstance(layer, keras.layers.ZeroPadding2D)]
     if not maps:
         raise ValueError("no 4-D feature map in the backbone")
-    wide = [layer for layer in maps if min(layer.output.shape[1:3]) >= min_side]
-    return net, (wide or maps)[-1].name
+    wide = [layer for layer in maps if min(layer.output.shape[1:3]) >= min_side] or maps
+    for layer in reversed(wide):
+        if _top(net, layer.name) is not False:
+            return net, layer.name
+    return net, wide[-1].name
+
+
+def _top(net, layer_name: str):
+    """The backbone above `layer_name` as a model from that layer's output to the backbone's output; None when
+    the layer is the backbone's last; False when the backbone cannot be cut there."""
+    import keras
+
+    out = net.get_layer(layer_name).output
+    if out is net.output:
+        return None
+    try:
+        return keras.Model(out, net.output, name="backbone_above_target")
+    except ValueError:
+        return False
+
+
+def explainer(model, min_side: int = 7):
+    """(layer name, explain): explain(uint8 images (B, S, S), class indices (B,)) -> Grad-CAM maps (B, S, S) in
+    [0, 1], each for its class. The model is cut at the target layer (target_layer): the part below it runs as
+    one compiled inference call, the part above it is differentiated by the backend in use
+    (backend.input_gradients), so TensorFlow, JAX and PyTorch give the same maps."""
+    import keras
+
+    from . import backend, models
+
+    net, layer_name = target_layer(model, min_side)
+    top = _top(net, layer_name)
+    inp = keras.Input(model.input_shape[1:], name="image")
+    below = backend.inference_function(keras.Model(inp, keras.Model(net.inputs, net.get_layer(layer_name).output)(
+        models.before_backbone(model)(inp)), name="below_target"))
+    after = models.outer_layers(model)[1]
+
+    def explain(images: np.ndarray, class_index: np.ndarray) -> np.ndarray:
+        feats = below(np.asarray(images, dtype=np.float32)[..., None])
+        picked = keras.ops.convert_to_tensor(np.asarray(class_index, np.int32)[:, None])
+
+        def score(f):
+            y = top(f, training=False) if top else f
+            for layer in after:
+                y = layer(y, training=False)
+            return keras.ops.take_along_axis(keras.ops.cast(y, "float32"), picked, axis=1)[:, 0]
+
+        _, grads = backend.input_gradients(score, feats)
+        weights = grads.astype(np.float32).mean(axis=(1, 2), keepdims=True)
+        cam = np.maximum((weights * feats.astype(np.float32)).sum(axis=-1), 0.0)
+        cam = backend.to_numpy(keras.ops.image.resize(cam[..., None], images.shape[1:3], interpolation="bilinear"))[..., 0]
+        return cam / np.maximum(cam.max(axis=(1, 2), keepdims=True), 1e-12)
+
+    return layer_name, explain
 
 
 def heatmaps(model, images: np.ndarray, class_index: np.ndarray, batch_size: int = 32, min_side: int = 7,
-             desc: str | None = None) -> np.ndarray:
+             desc: str | None = None, explain=None) -> np.ndarray:
     """Grad-CAM maps (N, S, S) in [0, 1] for uint8 images (N, S, S), each for the class class_index[i]
-    (e.g. the predicted one: inference.probabilities(...).argmax(axis=1)); with `desc`, a progress bar."""
-    import keras
-    import tensorflow as tf
-
-    from . import models
-
-    net, layer_name = target_layer(model, min_side)
-    inner = keras.Model(net.inputs, [net.get_layer(layer_name).output, net.output])
-    before, after = models.outer_layers(model)
-    size = images.shape[1:3]
+    (e.g. the predicted one: inference.probabilities(...).argmax(axis=1)); with `desc`, a progress bar.
+    `explain`: an explainer's function, to reuse its compiled parts across calls."""
+    explain = explain or explainer(model, min_side)[1]
     class_index = np.asarray(class_index, np.int32)
-    maps = []
-    for start in progress.batches(len(images), batch_size, desc):
-        x = tf.convert_to_tensor(images[start : start + batch_size, ..., None], tf.float32)
-        for layer in before:
-            x = layer(x, training=False)
-        with tf.GradientTape() as tape:
-            feats, y = inner(x, training=False)
-            tape.watch(feats)
-            for layer in after:
-                y = layer(y, training=False)
-            score = tf.gather(y, tf.constant(class_index[start : start + batch_size]), axis=1, batch_dims=1)
-        grads = tape.gradient(score, feats)
-        channel_weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
-        cam = tf.nn.relu(tf.reduce_sum(channel_weights * feats, axis=-1))
-        cam = tf.image.resize(cam[..., None], size, method="bilinear")[..., 0]
-        peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
-        maps.append((cam / tf.maximum(peak, 1e-12)).numpy())
-    return np.concatenate(maps) if maps else np.zeros((0, *size), np.float32)
+    maps = [explain(images[start : start + batch_size], class_index[start : start + batch_size])
+            for start in progress.batches(len(images), batch_size, desc)]
+    return np.concatenate(maps).astype(np.float32) if maps else np.zeros((0, *images.shape[1:3]), np.float32)
 
 
 def energy_inside(cam: np.ndarray, mask: np.ndarray) -> float | None:
@@ -125,7 +156,8 @@ def run(cfg: dict, classes: list[str], box: list[float], model_path: Path = path
     wanted = [(i, int(target[i])) for i in range(len(test))] + [(int(i), int(test.labels[i])) for i in lesion]
     pairs = list(dict.fromkeys(wanted))
     idx = np.array([i for i, _ in pairs], int)
-    cams = heatmaps(model, test.images[idx], np.array([c for _, c in pairs], np.int32), min_side=cfg["min_side"], desc="Grad-CAM")
+    layer_name, explain = explainer(model, cfg["min_side"])
+    cams = heatmaps(model, test.images[idx], np.array([c for _, c in pairs], np.int32), desc="Grad-CAM", explain=explain)
     cam_of = {pair: cams[n] for n, pair in enumerate(pairs)}
     with atomic.atomic_dir(out) as tmp:
         for k, name in enumerate(classes):
@@ -136,7 +168,7 @@ def run(cfg: dict, classes: list[str], box: list[float], model_path: Path = path
                           f"Grad-CAM ({explains}): test images of class {name}"
                           + ("; green: the known lesion" if outlines is not None and outlines.any() else ""),
                           cfg["alpha"], outlines)
-    result = {"images": len(test), "layer": target_layer(model, cfg["min_side"])[1]}
+    result = {"images": len(test), "layer": layer_name}
     regions, region_counts = probes.lung_regions(test.images.shape, box, test.lungs)
     explained = np.array([cam_of[(i, int(target[i]))] for i in range(len(test))]).reshape(test.images.shape)
     result["lungs"] = {"explains": explains, "region": region_counts, **localisation(explained, regions)}
@@ -190,13 +222,14 @@ def overlay_names(files: list[Path]) -> list[str]:
 
 
 def write_overlays(model, pixels: np.ndarray, proba: np.ndarray, classes: list[str], operating_point: dict | None,
-                   files: list[Path], alpha: float = 0.4) -> None:
+                   files: list[Path], alpha: float = 0.4, explain=None) -> None:
     """For a batch of images and their probabilities: the Grad-CAM overlay of each one's predicted class,
     titled with the argmax class and, under it, the triage call with the positive class's probability against the
-    threshold (the two can differ), as PNG files (panels.render); none for non-finite rows."""
+    threshold (the two can differ), as PNG files (panels.render); none for non-finite rows. `explain`: an
+    explainer's function, built once for many batches."""
     finite = np.isfinite(proba).all(axis=1)
     pred = np.nan_to_num(proba).argmax(axis=1)
-    cams = heatmaps(model, pixels, pred, batch_size=len(pixels))
+    cams = heatmaps(model, pixels, pred, batch_size=len(pixels), explain=explain)
     calls = inference.triage(np.nan_to_num(proba), classes, operating_point)
     for k, path in enumerate(files):
         if not finite[k]:

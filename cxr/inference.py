@@ -5,7 +5,7 @@
 
 evaluate, gradcam, `python -m cxr predict` and bench/predict.py all run models through `forward`, and
 evaluate's reports/test_predictions.csv and predict's CSV are both built by `prediction_table`, so the test
-that predict reproduces evaluate guards one code path. TensorFlow is imported only when a model runs.
+that predict reproduces evaluate guards one code path. The Keras backend is loaded only when a model runs.
 """
 from __future__ import annotations
 
@@ -35,18 +35,12 @@ def load_model(model_path: Path, info: dict):
 
 def forward(model) -> Forward:
     """uint8 (B, S, S) images -> float32 (B, classes) probabilities: the model's inference call
-    (`model(x, training=False)`, the step model.predict runs), traced once for any batch size (the
-    predict function of model.predict_on_batch retraces for a last, smaller batch: seconds per shape)."""
-    import tensorflow as tf
+    (`model(x, training=False)`, the step model.predict runs), compiled once for any batch size on the Keras
+    backend in use (backend.inference_function)."""
+    from . import backend
 
-    spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
-    fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        x = tf.convert_to_tensor(np.asarray(batch, dtype=np.float32)[..., None])
-        return np.asarray(fn(x), dtype=np.float32)
-
-    return run
+    fn = backend.inference_function(model)
+    return lambda batch: fn(np.asarray(batch, dtype=np.float32)[..., None])
 
 
 def probabilities(model, images: np.ndarray, batch_size: int = 64, forward_fn: Forward | None = None,

@@ -123,7 +123,7 @@ def backbone(arch: str, image_size: int, source: str, alpha: float = 1.0) -> ker
             branch = layer.name[: -len(add)] + bn if add and layer.name.endswith(add) else None
             if isinstance(layer, keras.layers.Add) and branch in names:
                 gamma = net.get_layer(branch).gamma
-                gamma.assign(keras.ops.zeros_like(gamma))
+                gamma.assign(keras.ops.zeros(gamma.shape, gamma.dtype))
     return net
 
 

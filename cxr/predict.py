@@ -150,15 +150,16 @@ def run(args: argparse.Namespace) -> int:
         names = gradcam.overlay_names(files)
     decode = functools.partial(images.decode, size=int(info["image_size"]), mode=info["resize"], max_pixels=args.max_pixels,
                                max_aspect_ratio=args.max_aspect_ratio, style="cli")
-    # Decoding starts now, in worker processes, while TensorFlow loads the model.
+    # Decoding starts now, in worker processes, while Keras loads the model.
     with images.decode_many(decode, files, args.workers, ahead=2 * args.batch_size) as items:
         model = inference.load_model(model_path, info)
         draw = None
         if args.gradcam is not None:
             args.gradcam.mkdir(parents=True, exist_ok=True)
+            explain = gradcam.explainer(model)[1]
 
             def draw(indices, pixels, proba):
-                gradcam.write_overlays(model, pixels, proba, classes, op, [args.gradcam / names[i] for i in indices])
+                gradcam.write_overlays(model, pixels, proba, classes, op, [args.gradcam / names[i] for i in indices], explain=explain)
 
         proba, errors = inference.predict_stream(progress.bar(items, len(files), "predicting"), inference.forward(model), len(classes),
                                                  args.batch_size, on_batch=draw)

@@ -7,7 +7,11 @@ one), no INFO/WARNING lines; a real failure still raises a Python exception with
 in the environment wins: `TF_CPP_MIN_LOG_LEVEL=0` shows everything again (e.g. why a GPU is not used).
 Two INFO lines the library prints while it loads, before it reads any setting (oneDNN on; no CUDA driver
 found), cannot be turned off from here.
+
+Under the JAX backend, JAX logs a WARNING for every platform it probes and does not find (`Unable to initialize
+backend 'tpu'`), through Python logging: tensorflow() raises that logger's level to ERROR.
 """
+import logging
 import os
 
 LOG_LEVEL = "3"
@@ -16,3 +20,4 @@ LOG_LEVEL = "3"
 def tensorflow() -> None:
     """Set TensorFlow's C++ log level unless the user did; call before anything imports TensorFlow or Keras."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", LOG_LEVEL)
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)

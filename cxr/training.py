@@ -7,42 +7,22 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic, data, metrics, models, paths, progress
+from . import atomic, backend, data, metrics, models, paths, progress
 from .modelinfo import model_info, save  # the model file and its info sidecar
 
 log = logging.getLogger("training")
 
 
-def set_determinism(seed: int, ops: bool = True) -> None:
-    """Seeds everything; with `ops`, deterministic TensorFlow ops too (same params and data -> same
-    weights). Keras runs XLA only without op determinism, so runtime.xla trades it away."""
+def augmented(model, augment):
+    """`model` with the augmentation layers (data.augmenter) in front, for fit: they run inside the training step
+    (on the accelerator, seeded, identity at inference) and the saved model stays `model`, whose layers the
+    wrapper shares. `model` itself when there is no augmentation."""
     import keras
-    import tensorflow as tf
 
-    keras.utils.set_random_seed(seed)
-    if ops:
-        tf.config.experimental.enable_op_determinism()
-    else:
-        from tensorflow.python.framework import config  # the public API can only switch it on
-
-        config.disable_op_determinism()
-        log.info("XLA on: deterministic ops off, results may vary slightly between runs")
-
-
-def configure_runtime(runtime: dict):
-    """Mixed precision and the distribution strategy; returns the strategy."""
-    import keras
-    import tensorflow as tf
-
-    keras.mixed_precision.set_global_policy("mixed_float16" if runtime["mixed_precision"] else "float32")
-    gpus = tf.config.list_logical_devices("GPU")
-    if runtime["distribute"] == "auto" and len(gpus) > 1:
-        strategy = tf.distribute.MirroredStrategy()
-    else:
-        strategy = tf.distribute.get_strategy()
-    log.info("devices: %d GPU(s); strategy %s; replicas %d; mixed precision %s; XLA %s", len(gpus),
-             type(strategy).__name__, strategy.num_replicas_in_sync, runtime["mixed_precision"], runtime["xla"])
-    return strategy
+    if augment is None:
+        return model
+    inp = keras.Input(model.input_shape[1:], name="image")
+    return keras.Model(inp, model(augment(inp)), name=f"{model.name}_augmented")
 
 
 def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> dict[int, float] | None:
@@ -141,6 +121,15 @@ def progress_callback(total: int, desc: str, unit: str, shown: tuple[str, ...] =
     return _Bar()
 
 
+def _predict(model, x, batch_size: int) -> np.ndarray:
+    """model.predict on an array (in batches of batch_size) or on a data.batches dataset (batched already)."""
+    import keras
+
+    if isinstance(x, keras.utils.PyDataset):
+        return model.predict(x, verbose=0)
+    return model.predict(x, batch_size=batch_size, verbose=0)
+
+
 def _sample_weights(labels: np.ndarray, class_weight: dict[int, float] | None) -> np.ndarray:
     """Per-sample weights from class_weights() (all 1 without them)."""
     return np.ones(len(labels), np.float32) if class_weight is None else np.array([class_weight[int(c)] for c in labels], np.float32)
@@ -162,14 +151,13 @@ def baseline(p: dict, classes: list[str], splits: dict[str, data.Subset], live, 
     over train and val (no augmentation) and the head trains on the cached pooled features; a logistic
     regression on the same features is scored beside it, so the summary shows whether the head converged."""
     import keras
-    from dvclive.keras import DVCLiveCallback
 
     cfg, runtime = p["train"], p["runtime"]
-    set_determinism(cfg["seed"], ops=not runtime["xla"])
-    strategy = configure_runtime(runtime)
-    bs = cfg["batch_size"] * strategy.num_replicas_in_sync
+    backend.seed_everything(cfg["seed"], deterministic=not runtime["xla"])
+    devices = backend.configure(runtime)
+    bs = cfg["batch_size"] * devices.replicas
     size = splits["train"].images.shape[1]
-    with strategy.scope():
+    with devices.scope():
         model = models.build(p["model"]["arch"], len(classes), size, p["model"]["weights"], p["model"]["alpha"],
                              p["model"]["dropout"], l2=cfg["l2"], init=p["model"]["init"])
     tr, va = splits["train"], splits["val"]
@@ -181,29 +169,29 @@ def baseline(p: dict, classes: list[str], splits: dict[str, data.Subset], live, 
     if cfg["feature_cache"]:
         t0 = time.perf_counter()
         extractor = models.feature_extractor(model)
-        x_train, x_val = (extractor.predict(data.batches(s.images, None, bs, cache=False), verbose=0,
+        x_train, x_val = (extractor.predict(data.batches(s.images, None, bs), verbose=0,
                                             callbacks=[progress_callback(-(-len(s) // bs), f"features: {name}", "batch")])
                           for name, s in (("train", tr), ("val", va)))
         summary["feature_cache_seconds"] = time.perf_counter() - t0
         log.info("cached backbone features for %d images in %.1fs", len(tr) + len(va), summary["feature_cache_seconds"])
-        with strategy.scope():
+        with devices.scope():
             trained = models.head(model)
         fit_data = {"x": x_train, "y": tr.labels, "batch_size": bs, "shuffle": True}
     else:
-        trained = model
-        aug = data.augmenter(cfg["augment"], cfg["seed"])
+        with devices.scope():
+            trained = augmented(model, data.augmenter(cfg["augment"], cfg["seed"]))
         # the dataset shuffles itself (seeded); Keras' own shuffle does not apply to one
-        fit_data = {"x": data.batches(tr.images, tr.labels, bs, shuffle=True, seed=cfg["seed"], augment=aug), "shuffle": False}
-        x_val = va.images[..., None].astype(np.float32)
+        fit_data = {"x": data.batches(tr.images, tr.labels, bs, shuffle=True, seed=cfg["seed"]), "shuffle": False}
+        x_val = data.batches(va.images, None, bs)
     steps = cfg["epochs"] * int(np.ceil(len(tr) / bs))
     trained.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(cfg["learning_rate"], steps)),
-                    loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=runtime["xla"])
+                    loss="sparse_categorical_crossentropy", metrics=["accuracy"], **backend.compile_kwargs(runtime))
     class_weight = class_weights(tr.labels, len(classes), cfg["class_weight"])
-    selector = Selector(lambda: trained.predict(x_val, batch_size=bs, verbose=0), va.labels, positive, "loss", spec,
+    selector = Selector(lambda: _predict(trained, x_val, bs), va.labels, positive, "loss", spec,
                         cfg["patience"], class_weight=class_weight, start_is_candidate=False)
     t0 = time.perf_counter()
     trained.fit(**fit_data, epochs=cfg["epochs"], class_weight=class_weight,
-                callbacks=[selector.callback(trained), DVCLiveCallback(live=live),
+                callbacks=[selector.callback(trained), backend.live_callback(live),
                            progress_callback(cfg["epochs"], "training", "epoch", ("loss", "val_loss"))], verbose=0)
     seconds = time.perf_counter() - t0
     summary = {**selector.restore(trained), **summary}
@@ -267,18 +255,22 @@ def _greedy_soup(model, runs: list, predict_val) -> dict:
     return summary
 
 
-def cache_views(model, lower, images: np.ndarray, views: int, augment, batch_size: int, desc: str | None = None) -> list[np.ndarray]:
+def cache_views(model, lower, images, views: int, augment, batch_size: int, desc: str | None = None) -> list[np.ndarray]:
     """The frozen part of `model` run once per view: [un-augmented, augmented 1..views], each float16 (N, ...)
-    activations at the input of `lower`'s output boundary. A bar per view named after `desc` (progress.bar)."""
-    before = models.before_backbone(model)
+    activations at the input of `lower`'s output boundary, through one compiled inference call
+    (backend.inference_function). A bar per view named after `desc` (progress.bar)."""
+    import keras
+
+    inp = keras.Input(model.input_shape[1:], name="image")
+    run = backend.inference_function(keras.Model(inp, lower(models.before_backbone(model)(inp)), name="frozen_lower"))
     out = []
     for v in range(views + 1):
         parts = []
         for start in progress.batches(len(images), batch_size, desc and f"{desc}, view {v + 1} of {views + 1}"):
-            x = images[start : start + batch_size, ..., None].astype(np.float32)
+            x = np.asarray(images[start : start + batch_size], dtype=np.float32)[..., None]
             if v and augment is not None:
-                x = augment(x, training=True)
-            parts.append(np.asarray(lower(before(x), training=False), dtype=np.float16))
+                x = backend.to_numpy(augment(x, training=True))
+            parts.append(run(x).astype(np.float16))
         out.append(np.concatenate(parts))
     return out
 
@@ -308,18 +300,17 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
     chosen weights are averaged into one model by a greedy soup on validation (see _greedy_soup). With
     `finetune.temperature_scaling`, the softmax is then calibrated on validation."""
     import keras
-    from dvclive.keras import DVCLiveCallback
 
     cfg, runtime = p["finetune"], p["runtime"]
-    set_determinism(cfg["seed"], ops=not runtime["xla"])
-    strategy = configure_runtime(runtime)
-    bs = cfg["batch_size"] * strategy.num_replicas_in_sync
+    backend.seed_everything(cfg["seed"], deterministic=not runtime["xla"])
+    devices = backend.configure(runtime)
+    bs = cfg["batch_size"] * devices.replicas
     tr, va = splits["train"], splits["val"]
     k = len(classes)
     aug = data.augmenter(p["train"]["augment"], cfg["seed"])
     onehot = np.eye(k, dtype=np.float32)[tr.labels]
     class_weight = class_weights(tr.labels, k, p["train"]["class_weight"])
-    with strategy.scope():
+    with devices.scope():
         model = models.load(base_model_path)
         n = models.unfreeze_from(model, cfg["unfreeze_from"], freeze_batchnorm=models.pretrained(p["model"]))
     log.info("fine-tuning %d backbone layers with weights, from %s up", n, cfg["unfreeze_from"])
@@ -328,15 +319,16 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
         lower, top = models.split_backbone(model, cfg["unfreeze_from"])
         train_views = cache_views(model, lower, tr.images, cfg["views"], aug, bs, "caching train")
         val_x = cache_views(model, lower, va.images, 0, None, bs, "caching val")[0].astype(np.float32)
-        with strategy.scope():
+        with devices.scope():
             inp = keras.Input(top.input.shape[1:], name="boundary")
             out = model.get_layer("predictions")(model.get_layer("dropout")(model.get_layer("pool")(top(inp))))
             trained = keras.Model(inp, out, name="finetune_top")
         log.info("cached %d views of %d training images and %d validation images, %s each, in %.1fs",
                  cfg["views"] + 1, len(tr), len(va), tuple(top.input.shape[1:]), time.perf_counter() - t0)
     else:
-        trained = model
-        val_x = va.images[..., None].astype(np.float32)
+        with devices.scope():
+            trained = augmented(model, aug)
+        val_x = data.batches(va.images, None, bs)
     cache_s = time.perf_counter() - t0
     steps_per_epoch = int(np.ceil(len(tr) / bs))
     total = cfg["epochs"] * steps_per_epoch
@@ -346,22 +338,22 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
     for member in range(cfg["members"]):
         seed = cfg["seed"] + member
         if member:
-            set_determinism(seed, ops=not runtime["xla"])
+            backend.seed_everything(seed, deterministic=not runtime["xla"])
             trained.set_weights(start)
         if cfg["views"]:
             fit_data = {"x": _view_batches(train_views, onehot, _sample_weights(tr.labels, class_weight), bs, seed)}
         else:
             # the dataset shuffles itself (seeded); Keras' own shuffle does not apply to one
-            fit_data = {"x": data.batches(tr.images, onehot, bs, shuffle=True, seed=seed, augment=aug), "class_weight": class_weight,
-                        "shuffle": False}
+            fit_data = {"x": data.batches(tr.images, onehot, bs, shuffle=True, seed=seed,
+                                          sample_weights=_sample_weights(tr.labels, class_weight)), "shuffle": False}
         schedule = keras.optimizers.schedules.CosineDecay(0.0, decay_steps=max(1, total - warmup),
                                                           warmup_target=cfg["learning_rate"], warmup_steps=warmup)
         trained.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg["weight_decay"]),
                         loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg["label_smoothing"]),
-                        jit_compile=runtime["xla"])
-        selector = Selector(lambda: trained.predict(val_x, batch_size=bs, verbose=0), va.labels, positive,
+                        **backend.compile_kwargs(runtime))
+        selector = Selector(lambda: _predict(trained, val_x, bs), va.labels, positive,
                             cfg["monitor"], cfg["monitor_specificity"], cfg["patience"], class_weight=class_weight)
-        callbacks = [selector.callback(trained)] + ([DVCLiveCallback(live=live)] if member == 0 else [])
+        callbacks = [selector.callback(trained)] + ([backend.live_callback(live)] if member == 0 else [])
         callbacks.append(progress_callback(cfg["epochs"], f"member {member + 1} of {cfg['members']}" if cfg["members"] > 1 else "fine-tuning",
                                            "epoch", ("loss", "val_loss", f"val_{cfg['monitor']}")))
         trained.fit(**fit_data, epochs=cfg["epochs"], callbacks=callbacks, verbose=0)
@@ -370,14 +362,14 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
             log.info("member %d (seed %d): epoch %d of %d, validation %s %.4f", member, seed, runs[-1][0]["best_epoch"],
                      runs[-1][0]["epochs_run"], cfg["monitor"], runs[-1][0][f"val_{cfg['monitor']}"])
     seconds = time.perf_counter() - t1
-    summary = runs[0][0] if len(runs) == 1 else _greedy_soup(trained, runs, lambda: trained.predict(val_x, batch_size=bs, verbose=0))
+    summary = runs[0][0] if len(runs) == 1 else _greedy_soup(trained, runs, lambda: _predict(trained, val_x, bs))
     epochs = sum(r[0]["epochs_run"] for r in runs)
     summary.update(trainable_layers=n, cache_seconds=cache_s, seconds_per_epoch=seconds / max(1, epochs))
     if cfg["temperature_scaling"]:
-        proba = trained.predict(val_x, batch_size=bs, verbose=0).astype(np.float64)
+        proba = _predict(trained, val_x, bs).astype(np.float64)
         t = fit_temperature(proba, va.labels)
         models.scale_logits(model, t)
-        after = trained.predict(val_x, batch_size=bs, verbose=0).astype(np.float64)
+        after = _predict(trained, val_x, bs).astype(np.float64)
         summary["temperature"] = {"value": round(t, 4),
                                   "val_ece_before": round(metrics.expected_calibration_error(va.labels, proba), 4),
                                   "val_ece_after": round(metrics.expected_calibration_error(va.labels, after), 4)}

@@ -150,7 +150,7 @@ def test_model_init_transfers_and_a_changed_source_model_reruns_training(demo_co
     src.mkdir()
     for suffix in (".keras", ".info.json"):
         shutil.copy(demo_copy / f"models/finetuned{suffix}", src / f"start{suffix}")
-    set_params(demo_copy / "params.yaml", {"model.init": "transfer/start.keras"})
+    set_params(demo_copy / "params.yaml", {"model.init": "transfer/start.keras", "finetune.epochs": 2})  # reruns, not quality
     everything_after_train = sorted(["train", "finetune", "evaluate", "gradcam", "external"])
     # the new model.init reruns the up-front check too (it reads model.*); the changed file alone does not
     assert sorted(ran_stages(dvc(demo_copy, "repro").stdout)) == sorted(["check", *everything_after_train])
@@ -318,6 +318,40 @@ def test_exp_run_other_architecture(demo_copy):
     assert "train" in ran_stages(proc.stdout)
     shown = json.loads(dvc(demo_copy, "exp", "show", "--json").stdout)
     assert "efficientnetb0" in json.dumps(shown)
+
+
+# Same params and data under another backend: each backend draws its own random initial weights, augmentations
+# and dropout masks, so the figures agree within training noise, not bit for bit (the same saved model gives the
+# same probabilities within 1e-5: tests/test_backend.py). The tolerance on the demo: the COVID ROC-AUC (test split
+# and the external demo set) within 0.05 of TensorFlow's, macro ROC-AUC within 0.1.
+POS_AUC_TOLERANCE, MACRO_AUC_TOLERANCE = 0.05, 0.1
+
+
+@pytest.mark.slow
+def test_the_model_stages_rerun_under_jax_without_tensorflow(demo_copy, tmp_path):
+    blocker = tmp_path / "no_tensorflow" / "tensorflow"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError(\"No module named 'tensorflow'\")\n")
+
+    def figures():
+        ev = json.loads((demo_copy / "metrics/evaluate/finetuned.json").read_text())["test"]
+        ext = json.loads((demo_copy / "metrics/external/demo-seed1.json").read_text())
+        base = json.loads((demo_copy / "metrics/evaluate/baseline.json").read_text())["baseline"]["test"]
+        return {"pos_auc": ev["pos_auc"], "auc": ev["auc"], "external_pos_auc": ext["positive"]["roc_auc"],
+                "external_auc": ext["multiclass"]["macro_roc_auc"], "baseline_auc": base["auc"]}
+
+    tensorflow = figures()
+    proc = dvc(demo_copy, "repro", "--force", "--downstream", "train",
+               extra_env={"KERAS_BACKEND": "jax", "PYTHONPATH": str(blocker.parent)})
+    assert ran_stages(proc.stdout) == ["train", "finetune", "evaluate", "gradcam", "external"]
+    assert "backend jax" in proc.stdout + proc.stderr and "XLA always" in proc.stdout + proc.stderr
+    assert noise(proc.stdout + proc.stderr) == []
+    jax = figures()
+    assert jax["auc"] > jax["baseline_auc"] and jax["pos_auc"] >= 0.85
+    for key, tol in (("pos_auc", POS_AUC_TOLERANCE), ("external_pos_auc", POS_AUC_TOLERANCE), ("auc", MACRO_AUC_TOLERANCE),
+                     ("external_auc", MACRO_AUC_TOLERANCE)):
+        assert abs(jax[key] - tensorflow[key]) <= tol, (key, jax, tensorflow)
+    assert (demo_copy / "plots/gradcam").is_dir() and json.loads((demo_copy / "metrics/gradcam.json").read_text())["images"] > 0
 
 
 def test_predict_matches_evaluate(demo_repo, tmp_path):

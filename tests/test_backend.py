@@ -1,0 +1,164 @@
+"""The backend-neutral model path: the one augmentation layer, and the same saved model giving the same
+probabilities and Grad-CAM maps under TensorFlow (this process) and JAX (a subprocess in which TensorFlow cannot
+be imported, as on a machine without it); JAX's multi-device data parallelism on virtual CPU devices; dvclive
+logging without TensorFlow."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from cxr import augment, backend, data, gradcam, inference, models
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def run_python(tmp_path: Path, code: str, backend_name: str = "jax", env: dict | None = None) -> str:
+    """Run `code` in a fresh interpreter under `backend_name`, with `import tensorflow` failing there (a
+    stand-in package first on sys.path raises ImportError); returns its stdout."""
+    blocker = tmp_path / "no_tensorflow" / "tensorflow"
+    blocker.mkdir(parents=True, exist_ok=True)
+    (blocker / "__init__.py").write_text("raise ImportError(\"No module named 'tensorflow'\")\n")
+    e = {**os.environ, "KERAS_BACKEND": backend_name, "PYTHONPATH": os.pathsep.join([str(blocker.parent), str(PROJECT)]),
+         **(env or {})}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, env=e, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_random_affine_is_the_identity_at_inference_and_with_nothing_to_do():
+    x = np.random.default_rng(0).uniform(0, 255, (4, 24, 32, 1)).astype(np.float32)
+    np.testing.assert_array_equal(backend.to_numpy(augment.RandomAffine(seed=0)(x)), x)
+    layer = augment.RandomAffine(0.05, 0.1, 0.1, True, seed=0)
+    np.testing.assert_array_equal(backend.to_numpy(layer(x, training=False)), x)
+    assert np.abs(backend.to_numpy(layer(x, training=True)) - x).mean() > 1
+    assert data.augmenter({"rotation": 0, "translation": 0, "zoom": 0, "flip": False}, 0) is None
+
+
+def test_random_affine_flips_zooms_and_rotates_about_the_centre():
+    x = np.random.default_rng(1).uniform(0, 255, (16, 20, 20, 1)).astype(np.float32)
+    flipped = backend.to_numpy(augment.RandomAffine(flip=True, seed=3)(x))
+    mirrored = [np.allclose(f, m[:, ::-1]) for f, m in zip(flipped, x)]
+    kept = [np.allclose(f, m) for f, m in zip(flipped, x)]
+    assert all(a != b for a, b in zip(mirrored, kept)) and 3 <= sum(mirrored) <= 13  # each one or the other, both seen
+    square = np.zeros((8, 41, 41, 1), np.float32)
+    square[:, 10:31, 10:31] = 255
+    # zooming out (scale up to 1.3) shrinks the bright square, zooming in grows it; the centre stays bright
+    zoomed = backend.to_numpy(augment.RandomAffine(zoom=0.3, seed=1)(square))
+    areas = (zoomed > 127).sum(axis=(1, 2, 3))
+    assert areas.min() < 21 * 21 < areas.max() and (zoomed[:, 20, 20, 0] == 255).all()
+    disk = (np.hypot(*np.mgrid[-20:21, -20:21]) <= 12).astype(np.float32)[None, ..., None].repeat(8, axis=0) * 255
+    turned = backend.to_numpy(augment.RandomAffine(rotation=0.25, seed=2)(disk))
+    # a centred disk stays where it is at any angle (only its rim is resampled); off-centre, it would move
+    rows, cols = np.mgrid[0:41, 0:41]
+    for t in turned[..., 0]:
+        assert abs((t * rows).sum() / t.sum() - 20) < 0.2 and abs((t * cols).sum() / t.sum() - 20) < 0.2
+    assert np.abs(turned - disk).mean() < 6
+
+
+def test_random_affine_compiles_inside_a_jax_training_step(tmp_path):
+    out = run_python(tmp_path, """
+        import numpy as np, keras
+        from cxr import data, training
+        model = keras.Sequential([keras.Input((16, 16, 1)), keras.layers.Conv2D(2, 3), keras.layers.GlobalAveragePooling2D(),
+                                  keras.layers.Dense(2, activation="softmax")])
+        aug = data.augmenter({"rotation": 0.03, "translation": 0.05, "zoom": 0.1, "flip": True}, 0)
+        trained = training.augmented(model, aug)
+        trained.compile(optimizer="adam", loss="categorical_crossentropy", jit_compile=True)
+        x = np.random.default_rng(0).integers(0, 256, (20, 16, 16), dtype=np.uint8)
+        y = np.eye(2, dtype=np.float32)[np.arange(20) % 2]
+        trained.fit(data.batches(x, y, 8, shuffle=True), epochs=1, verbose=0)
+        print(trained.jit_compile, len(trained.layers))
+    """)
+    assert out.split() == ["True", "3"]  # compiled: Keras' own random affine layers would make it fall back to eager
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A small model saved as .keras whose outputs differ between images (a randomly initialised backbone in
+    inference mode maps every image to the same saturated features: its BatchNorm statistics are first fitted to
+    the images here, and the head is sharpened), and smooth test images."""
+    from PIL import Image
+
+    tmp = tmp_path_factory.mktemp("saved")
+    model = models.build("mobilenetv2", 3, 48, "none", alpha=0.35)
+    rng = np.random.default_rng(0)
+    pixels = np.stack([np.asarray(Image.fromarray(rng.integers(0, 256, (4, 4), dtype=np.uint8)).resize((48, 48), Image.Resampling.BICUBIC))
+                       for _ in range(16)])
+    models.unfreeze_from(model, "all", freeze_batchnorm=False)
+    for _ in range(40):
+        model(pixels[..., None].astype(np.float32), training=True)
+    head = model.get_layer("predictions")
+    head.set_weights([w * 30 for w in head.get_weights()])
+    path = tmp / "model.keras"
+    model.save(path)
+    np.save(tmp / "pixels.npy", pixels[:5])
+    return path, pixels[:5]
+
+
+def test_the_same_model_gives_the_same_probabilities_and_maps_under_jax(saved, tmp_path):
+    path, pixels = saved
+    model = models.load(path)
+    proba = inference.probabilities(model, pixels, batch_size=2)
+    layer, explain = gradcam.explainer(model, min_side=6)
+    cams = gradcam.heatmaps(model, pixels, proba.argmax(axis=1), batch_size=2, explain=explain)
+    out = run_python(tmp_path, f"""
+        import json, sys, numpy as np
+        from cxr import gradcam, inference, models
+        model = models.load({str(path)!r})
+        pixels = np.load({str(path.parent / "pixels.npy")!r})
+        proba = inference.probabilities(model, pixels, batch_size=2)
+        layer, explain = gradcam.explainer(model, min_side=6)
+        cams = gradcam.heatmaps(model, pixels, proba.argmax(axis=1), batch_size=2, explain=explain)
+        np.save("proba.npy", proba); np.save("cams.npy", cams)
+        print(json.dumps({{"layer": layer, "tensorflow": "tensorflow" in sys.modules}}))
+    """)
+    assert json.loads(out) == {"layer": layer, "tensorflow": False}
+    assert np.ptp(proba, axis=0).max() > 0.05  # the images get different outputs, so agreeing means something
+    np.testing.assert_allclose(np.load(tmp_path / "proba.npy"), proba, atol=1e-5)
+    assert cams.shape == (5, 48, 48) and cams.max() == pytest.approx(1.0)
+    np.testing.assert_allclose(np.load(tmp_path / "cams.npy"), cams, atol=2e-3)
+
+
+def test_jax_data_parallel_over_virtual_cpu_devices_trains_on_uneven_batches(tmp_path):
+    out = run_python(tmp_path, """
+        import json, numpy as np, keras
+        from cxr import backend, data, training
+        devices = backend.configure({"mixed_precision": False, "xla": False, "distribute": "all"})
+        model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(2, activation="softmax")])
+        model.compile(optimizer="adam", loss="categorical_crossentropy", jit_compile=True)
+        x = np.random.default_rng(0).integers(0, 256, (21, 8, 8), dtype=np.uint8)   # 21 = 2 batches of 8 and one of 5
+        y = np.eye(2, dtype=np.float32)[np.arange(21) % 2]
+        before = model.get_weights()[0].copy()
+        model.fit(data.batches(x, y, 4 * devices.replicas, shuffle=True), epochs=2, verbose=0)
+        proba = training._predict(model, data.batches(x, None, 4 * devices.replicas), 8)
+        dist = keras.distribution.distribution()
+        print(json.dumps({"replicas": devices.replicas, "kind": devices.kind, "mesh": list(dist.device_mesh.shape),
+                          "moved": float(np.abs(model.get_weights()[0] - before).max()), "rows": len(proba)}))
+    """, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    got = json.loads(out)
+    assert got["replicas"] == 2 and got["kind"] == "keras.distribution.DataParallel" and got["mesh"] == [2]
+    assert got["moved"] > 0 and got["rows"] == 21
+
+
+def test_dvclive_logs_epochs_without_tensorflow(tmp_path):
+    run_python(tmp_path, """
+        import numpy as np, keras
+        from dvclive import Live
+        from cxr import backend
+        live = Live(dir="live", dvcyaml=False, save_dvc_exp=False, report=None)
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+        model.compile(optimizer="adam", loss="categorical_crossentropy")
+        x, y = np.ones((8, 3), np.float32), np.eye(2, dtype=np.float32)[np.arange(8) % 2]
+        model.fit(x, y, validation_data=(x, y), epochs=3, verbose=0, callbacks=[backend.live_callback(live)])
+    """)
+    loss = (tmp_path / "live/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert loss[0].split("\t") == ["step", "loss"] and len(loss) == 4
+    assert (tmp_path / "live/plots/metrics/eval/loss.tsv").is_file()
