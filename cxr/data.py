@@ -1,23 +1,166 @@
 """Reading the cleaned shards back, per split, and feeding them to Keras in batches (keras.utils.PyDataset)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from numpy.lib import format as npy
 
 from . import paths
 from .errors import UserError
 
 
+def _npy_header(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
+    """(data offset, shape, dtype) of a C-order .npy file, from its header alone."""
+    with open(path, "rb") as f:
+        version = npy.read_magic(f)
+        read = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}.get(version)
+        if read is None:
+            raise ValueError(f"{path}: .npy format version {version[0]}.{version[1]} is not supported")
+        shape, fortran_order, dtype = read(f)
+        if (fortran_order and len(shape) > 1) or dtype.hasobject or not shape:
+            raise ValueError(f"{path}: not a C-order array of rows of plain values")
+        return f.tell(), shape, dtype
+
+
+class Rows:
+    """The rows (shard, index) of .npy shard files, as one array (N, *row) read on demand.
+
+    Indexed like the stacked ndarray (an int, a slice, an int or bool array, each optionally followed by further
+    indices; `...` or np.asarray for everything); each index reads only the rows it names, with plain file reads
+    (a memory map would keep every page it touched resident) into a fresh ndarray, consecutive rows of a shard
+    in one read. Holds no pixels and no open files, so a pass over a split batch by batch stays flat in memory."""
+
+    BATCH = 64   # rows per read when iterating or reducing over all rows
+
+    def __init__(self, files: Sequence[Path], shard, index):
+        self.files = tuple(Path(f) for f in files)
+        self.shard = np.asarray(shard, dtype=np.intp).reshape(-1)   # row -> position in files
+        self.index = np.asarray(index, dtype=np.intp).reshape(-1)   # row -> row within that file
+        if len(self.shard) != len(self.index):
+            raise ValueError(f"{len(self.shard)} shard numbers for {len(self.index)} row indices")
+        headers = [_npy_header(f) for f in self.files]
+        if not headers:
+            raise ValueError("Rows needs at least one shard file")
+        self._offsets = [h[0] for h in headers]
+        _, (_, *row), self.dtype = headers[0]
+        self._row = tuple(row)
+        if len(self.shard) and (self.shard.min() < 0 or self.shard.max() >= len(self.files)):
+            raise ValueError(f"shard positions must be in 0..{len(self.files) - 1}")
+        for k, (f, (_, (n, *r), dtype)) in enumerate(zip(self.files, headers)):
+            if tuple(r) != self._row or dtype != self.dtype:
+                raise ValueError(f"{f} holds rows {tuple(r)} {dtype}, {self.files[0]} rows {self._row} {self.dtype}")
+            outside = self.index[(self.shard == k) & ((self.index < 0) | (self.index >= n))]
+            if len(outside):
+                raise ValueError(f"{f} holds {n} rows, row {int(outside[0])} is asked for")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.index), *self._row)
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self._row)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __repr__(self) -> str:
+        return f"Rows(shape={self.shape}, dtype={self.dtype}, shards={len(self.files)})"
+
+    def read(self, rows) -> np.ndarray:
+        """The rows at positions `rows` (ints in 0..N-1, any order), stacked into a new array."""
+        rows = np.asarray(rows, dtype=np.intp).reshape(-1)
+        out = np.empty((len(rows), *self._row), self.dtype)
+        if not len(rows) or not out.nbytes:
+            return out
+        step = out.nbytes // len(rows)
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        shard, index = self.shard[rows], self.index[rows]
+        cut = np.flatnonzero((np.diff(shard) != 0) | (np.diff(index) != 1)) + 1
+        starts, ends = np.r_[0, cut], np.r_[cut, len(rows)]
+        for s in np.unique(shard[starts]):   # one file open at a time
+            with open(self.files[s], "rb", buffering=0) as f:
+                for a, b in zip(starts[shard[starts] == s], ends[shard[starts] == s]):
+                    _read_into(f, buf[a * step : b * step], self._offsets[s] + int(index[a]) * step)
+        return out
+
+    def __getitem__(self, key):
+        first, rest = (key[0], key[1:]) if isinstance(key, tuple) and key else (key, None)
+        n = len(self)
+        if isinstance(first, slice):
+            block, first = self.read(np.arange(n)[first]), slice(None)
+        elif isinstance(first, (int, np.integer)) and not isinstance(first, (bool, np.bool_)):
+            if not -n <= first < n:
+                raise IndexError(f"index {first} is out of bounds for axis 0 with size {n}")
+            block, first = self.read([first % n]), 0
+        elif first is Ellipsis or first is None or isinstance(first, tuple):
+            return self.read(np.arange(n))[key]
+        else:
+            arr = np.asarray(first)
+            if arr.dtype == bool and arr.ndim == 1:
+                if len(arr) != n:
+                    raise IndexError(f"boolean index did not match indexed array along axis 0; size of axis is {n} "
+                                     f"but size of corresponding boolean axis is {len(arr)}")
+                arr = np.flatnonzero(arr)
+            elif arr.size == 0 and arr.dtype != bool:
+                arr = arr.astype(np.intp)
+            if arr.dtype.kind in "bO":   # a bool array over more than rows, or objects: numpy decides, on everything
+                return self.read(np.arange(n))[key]
+            if arr.dtype.kind not in "iu":
+                raise IndexError("arrays used as indices must be of integer (or boolean) type")
+            if arr.size and (arr.min() < -n or arr.max() >= n):
+                bad = arr.min() if arr.min() < -n else arr.max()
+                raise IndexError(f"index {bad} is out of bounds for axis 0 with size {n}")
+            wanted, first = np.unique(arr.reshape(-1) % max(n, 1), return_inverse=True)
+            block, first = self.read(wanted), first.reshape(arr.shape)
+        return block[first] if rest is None else block[(first, *rest)]
+
+    def __array__(self, dtype=None, copy=None):
+        if copy is False:
+            raise ValueError("Rows are read from files: an array of them is always a new copy")
+        out = self.read(np.arange(len(self)))
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def __iter__(self):
+        for start in range(0, len(self), self.BATCH):
+            yield from self[start : start + self.BATCH]
+
+    def any(self, axis=None):
+        """ndarray.any, read BATCH rows at a time."""
+        none = self.read([]).any(axis=axis)   # checks `axis` as numpy does; the answer when there are no rows
+        parts = [self[a : a + self.BATCH].any(axis=axis) for a in range(0, len(self), self.BATCH)]
+        if not parts:
+            return none
+        if axis is not None and 0 not in {a % self.ndim for a in np.atleast_1d(axis)}:
+            return np.concatenate(parts)
+        return np.logical_or.reduce(parts)
+
+
+def _read_into(f, buf: memoryview, offset: int) -> None:
+    """Fill buf from an unbuffered file at offset, however many reads it takes."""
+    f.seek(offset)
+    while len(buf):
+        got = f.readinto(buf)
+        if not got:
+            raise ValueError(f"{f.name} ends before offset {offset + len(buf)}: a shard was cut short")
+        buf = buf[got:]
+
+
 @dataclass
 class Subset:
     files: list[str]
-    images: np.ndarray          # uint8 (N, S, S), raw 0..255 grayscale
-    labels: np.ndarray          # int (N,), index into the class list
-    masks: np.ndarray | None    # bool (N, S, S) lesion masks where the source has them
-    lungs: np.ndarray | None = None  # bool (N, S, S) lung-field masks where the source has them (all False: none)
+    images: Rows | np.ndarray          # uint8 (N, S, S), raw 0..255 grayscale, read on demand (Rows)
+    labels: np.ndarray                 # int (N,), index into the class list
+    masks: Rows | np.ndarray | None    # bool (N, S, S) lesion masks where the source has them
+    lungs: Rows | np.ndarray | None = None  # bool (N, S, S) lung-field masks where the source has them (all False: none)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -29,8 +172,8 @@ SPLITS = ("train", "val", "test")
 def load_splits(classes: list[str], clean_dir: Path = paths.CLEAN, split_csv: Path = paths.SPLIT, *,
                 only: tuple[str, ...] = SPLITS, masks: bool = True) -> dict[str, Subset]:
     """{"train": Subset, "val": ..., "test": ...} from data/clean shards and data/split.csv: the splits named in
-    `only`, with their lesion and lung masks unless `masks` is False. Only what is asked for is read into memory
-    (the shards are memory-mapped), so a stage that scores the test split never holds the training images."""
+    `only`, with their lesion and lung masks unless `masks` is False. Images and masks are Rows, read from the
+    shards only when indexed, so a stage holds the batches it reads, never a whole split unless it asks for one."""
     for p in (clean_dir / "manifest.csv", split_csv):
         if not Path(p).exists():
             raise UserError(f"{p} not found: run `dvc repro split` first")
@@ -42,19 +185,19 @@ def load_splits(classes: list[str], clean_dir: Path = paths.CLEAN, split_csv: Pa
     unknown = sorted(set(table["label"]) - set(classes))
     if unknown:
         raise UserError(f"{split_csv} has label {unknown[0]!r}, not among the dataset's classes {classes}")
-    shards = {int(s): np.load(clean_dir / f"images-{int(s):05d}.npy", mmap_mode="r") for s in table["shard"].unique()}
     # masks-*.npy (lesions) and lungs-*.npy exist where any image has one (manifests of older runs lack has_lungs)
-    extra = {kind: {s: np.load(clean_dir / f"{kind}-{s:05d}.npy", mmap_mode="r") for s in shards}
-             for kind, col in (("masks", "has_mask"), ("lungs", "has_lungs")) if masks and col in table and table[col].any()}
+    kinds = ["images"] + [kind for kind, col in (("masks", "has_mask"), ("lungs", "has_lungs"))
+                          if masks and col in table and table[col].any()]
     out = {}
     for name in only:
         part = table[table["split"] == name]
-        pos = list(zip(part["shard"].astype(int), part["index"].astype(int)))
-        imgs = np.stack([shards[s][i] for s, i in pos]) if pos else np.zeros((0, 1, 1), np.uint8)
-        masks, lungs = (np.stack([extra[kind][s][i] for s, i in pos]) if (pos and kind in extra) else None
-                        for kind in ("masks", "lungs"))
+        shard, index = part["shard"].to_numpy(int), part["index"].to_numpy(int)
+        used = np.unique(shard)
+        rows = {kind: Rows([clean_dir / f"{kind}-{s:05d}.npy" for s in used], np.searchsorted(used, shard), index)
+                for kind in kinds} if len(part) else {}
         labels = np.array([classes.index(c) for c in part["label"]], dtype=np.int32)
-        out[name] = Subset(part["file"].tolist(), imgs, labels, masks, lungs)
+        out[name] = Subset(part["file"].tolist(), rows.get("images", np.zeros((0, 1, 1), np.uint8)), labels,
+                           rows.get("masks"), rows.get("lungs"))
     return out
 
 

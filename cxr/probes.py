@@ -45,9 +45,10 @@ def lung_regions(shape: tuple[int, int, int], box: list[float], lungs: np.ndarra
     a non-empty one, else the box; and how many images got each ({"lung_mask": a, "box": b})."""
     n, h, w = shape
     regions = np.broadcast_to(box_mask((h, w), box), (n, h, w)).copy()
-    has = np.zeros(n, dtype=bool) if lungs is None else np.asarray(lungs, bool).reshape(n, -1).any(axis=1)
+    lungs = None if lungs is None else np.asarray(lungs, bool)   # read once (a split's lungs are data.Rows)
+    has = np.zeros(n, dtype=bool) if lungs is None else lungs.reshape(n, -1).any(axis=1)
     if has.any():
-        regions[has] = np.asarray(lungs, bool)[has]
+        regions[has] = lungs[has]
     return regions, {"lung_mask": int(has.sum()), "box": int(n - has.sum())}
 
 
@@ -87,7 +88,8 @@ def run(model, forward_fn, classes: list[str], positive: str, cfg: dict) -> dict
     positive-class ROC-AUC of the unchanged images and of each probe, each probe's retained skill, next to
     chance (balanced accuracy 1/k, AUC 0.5), and which lung region each image had."""
     test = data.load_splits(classes, only=("test",))["test"]
-    regions, region_counts = lung_regions(test.images.shape, cfg["box"], test.lungs)
+    images = np.asarray(test.images)   # every probe changes every image: read the split once
+    regions, region_counts = lung_regions(images.shape, cfg["box"], test.lungs)
 
     def score(images: np.ndarray, name: str) -> dict:
         proba = inference.probabilities(model, images, forward_fn=forward_fn, desc=f"probe {name}").astype(np.float64)
@@ -95,9 +97,9 @@ def run(model, forward_fn, classes: list[str], positive: str, cfg: dict) -> dict
 
     out = {"n": len(test), "positive": positive, "region": region_counts, "box": list(cfg["box"]), "fill": cfg["fill"],
            "chance": {"balanced_accuracy": round(1 / len(classes), 4), "macro_roc_auc": 0.5},
-           "unchanged": score(test.images, "unchanged")}
+           "unchanged": score(images, "unchanged")}
     for name, side in PROBES.items():
-        out[name] = score(occlude(test.images, regions, cfg["fill"], side), name)
+        out[name] = score(occlude(images, regions, cfg["fill"], side), name)
         out[name]["retained"] = {k: retained(out[name][f"{k}_roc_auc"], out["unchanged"][f"{k}_roc_auc"])
                                  for k in ("macro", "positive")}
     log.info("probes on %d test images (lung region: %s), macro ROC-AUC (chance 0.5): unchanged %s, lungs hidden %s "
