@@ -212,24 +212,35 @@ def augmenter(cfg: dict, seed: int):
 
 
 def batches(images, labels: np.ndarray | None = None, batch_size: int = 64, *, shuffle: bool = False, seed: int = 0,
-            sample_weights: np.ndarray | None = None):
-    """A keras.utils.PyDataset (any Keras backend, no TensorFlow needed) of float32 raw pixels (B, S, S, 1), with
-    `labels` (and `sample_weights`) where given: read from `images` (uint8 (N, S, S), an array or a split's rows)
-    one batch at a time, so only the batch is converted to float. In order, or with `shuffle` in a new order
-    every epoch drawn from (seed, epoch), so a run is reproducible. Augmentation is not done here: it is part of
-    the model being trained (see training.augmented), where it runs on the accelerator."""
+            sample_weights: np.ndarray | None = None, multiple_of: int = 1):
+    """A keras.utils.PyDataset (any Keras backend, no TensorFlow needed) of float32 rows of `images` (uint8
+    (N, S, S) pixels get their channel axis: (B, S, S, 1); other arrays, e.g. cached features, keep their shape),
+    with `labels` (and `sample_weights`) where given; read one batch at a time (from an array or a split's Rows),
+    so only the batch is converted to float. In order, or with `shuffle` in a new order every epoch drawn from
+    (seed, epoch), so a run is reproducible. Augmentation is not done here: it is part of the model being trained
+    (training.augmented), where it runs on the accelerator.
+
+    With data parallelism every batch must split evenly over `multiple_of` devices: a training batch (labels
+    given) is then cut to a multiple of it (the last one of an epoch drops at most multiple_of - 1 images, other
+    ones each epoch when shuffled); a prediction batch is padded with zeros, and the caller keeps the first
+    `.n` rows of the predictions."""
     import keras
 
     n = len(images)
+    if labels is not None and multiple_of > 1:
+        full = n - n % multiple_of
+        steps = -(-full // batch_size)
+    else:
+        full, steps = n, -(-n // batch_size)
 
     class Batches(keras.utils.PyDataset):
         def __init__(self):
             super().__init__()
-            self.epoch = 0
+            self.n, self.epoch = n, 0
             self.order = np.random.default_rng([seed, 0]).permutation(n) if shuffle else None
 
         def __len__(self):
-            return -(-n // batch_size)
+            return steps
 
         def on_epoch_end(self):
             self.epoch += 1
@@ -237,12 +248,14 @@ def batches(images, labels: np.ndarray | None = None, batch_size: int = 64, *, s
                 self.order = np.random.default_rng([seed, self.epoch]).permutation(n)
 
         def __getitem__(self, i):
-            idx = slice(i * batch_size, min(n, (i + 1) * batch_size))
+            idx = slice(i * batch_size, min(full, (i + 1) * batch_size))
             if shuffle:  # sorted within the batch: neighbouring rows are read together
                 idx = np.sort(self.order[idx])
-            x = np.asarray(images[idx], dtype=np.float32)[..., None]
+            x = np.asarray(images[idx], dtype=np.float32)
+            x = x[..., None] if x.ndim == 3 else x
             if labels is None:
-                return (x,)
+                pad = -len(x) % multiple_of
+                return (np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x,)
             return (x, labels[idx]) if sample_weights is None else (x, labels[idx], sample_weights[idx])
 
     return Batches()

@@ -195,7 +195,7 @@ def _validate(p: dict, sources: dict | None) -> None:
     _bool(p, "train.augment.flip")
     _bool(p, "runtime.mixed_precision")
     _bool(p, "runtime.xla")
-    _choice(p, "runtime.distribute", ("auto", "none"))
+    _choice(p, "runtime.distribute", ("auto", "all", "none"))
     start = _get(p, "finetune.unfreeze_from")
     if not isinstance(start, str) or not start.strip():
         _fail("finetune.unfreeze_from", "a backbone block or layer name (e.g. block_13) or all", start)

@@ -121,12 +121,15 @@ def progress_callback(total: int, desc: str, unit: str, shown: tuple[str, ...] =
     return _Bar()
 
 
-def _predict(model, x, batch_size: int) -> np.ndarray:
-    """model.predict on an array (in batches of batch_size) or on a data.batches dataset (batched already)."""
+def _predict(model, x, batch_size: int, multiple_of: int = 1) -> np.ndarray:
+    """model.predict on an array or a data.batches dataset (batched already), for all its rows; with data
+    parallelism over `multiple_of` devices, through data.batches, which pads the last batch to split evenly."""
     import keras
 
     if isinstance(x, keras.utils.PyDataset):
-        return model.predict(x, verbose=0)
+        return model.predict(x, verbose=0)[: getattr(x, "n", None)]
+    if multiple_of > 1:
+        return model.predict(data.batches(x, None, batch_size, multiple_of=multiple_of), verbose=0)[: len(x)]
     return model.predict(x, batch_size=batch_size, verbose=0)
 
 
@@ -169,25 +172,27 @@ def baseline(p: dict, classes: list[str], splits: dict[str, data.Subset], live, 
     if cfg["feature_cache"]:
         t0 = time.perf_counter()
         extractor = models.feature_extractor(model)
-        x_train, x_val = (extractor.predict(data.batches(s.images, None, bs), verbose=0,
-                                            callbacks=[progress_callback(-(-len(s) // bs), f"features: {name}", "batch")])
+        x_train, x_val = (extractor.predict(data.batches(s.images, None, bs, multiple_of=devices.replicas), verbose=0,
+                                            callbacks=[progress_callback(-(-len(s) // bs), f"features: {name}", "batch")])[: len(s)]
                           for name, s in (("train", tr), ("val", va)))
         summary["feature_cache_seconds"] = time.perf_counter() - t0
         log.info("cached backbone features for %d images in %.1fs", len(tr) + len(va), summary["feature_cache_seconds"])
         with devices.scope():
             trained = models.head(model)
-        fit_data = {"x": x_train, "y": tr.labels, "batch_size": bs, "shuffle": True}
+        fit_data = ({"x": x_train, "y": tr.labels, "batch_size": bs, "shuffle": True} if devices.replicas == 1 else
+                    {"x": data.batches(x_train, tr.labels, bs, shuffle=True, seed=cfg["seed"], multiple_of=devices.replicas), "shuffle": False})
     else:
         with devices.scope():
             trained = augmented(model, data.augmenter(cfg["augment"], cfg["seed"]))
         # the dataset shuffles itself (seeded); Keras' own shuffle does not apply to one
-        fit_data = {"x": data.batches(tr.images, tr.labels, bs, shuffle=True, seed=cfg["seed"]), "shuffle": False}
-        x_val = data.batches(va.images, None, bs)
+        fit_data = {"x": data.batches(tr.images, tr.labels, bs, shuffle=True, seed=cfg["seed"], multiple_of=devices.replicas),
+                    "shuffle": False}
+        x_val = data.batches(va.images, None, bs, multiple_of=devices.replicas)
     steps = cfg["epochs"] * int(np.ceil(len(tr) / bs))
     trained.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(cfg["learning_rate"], steps)),
                     loss="sparse_categorical_crossentropy", metrics=["accuracy"], **backend.compile_kwargs(runtime))
     class_weight = class_weights(tr.labels, len(classes), cfg["class_weight"])
-    selector = Selector(lambda: _predict(trained, x_val, bs), va.labels, positive, "loss", spec,
+    selector = Selector(lambda: _predict(trained, x_val, bs, devices.replicas), va.labels, positive, "loss", spec,
                         cfg["patience"], class_weight=class_weight, start_is_candidate=False)
     t0 = time.perf_counter()
     trained.fit(**fit_data, epochs=cfg["epochs"], class_weight=class_weight,
@@ -204,15 +209,19 @@ def baseline(p: dict, classes: list[str], splits: dict[str, data.Subset], live, 
     return model, summary
 
 
-def _view_batches(views: list[np.ndarray], onehot: np.ndarray, sample_weights: np.ndarray, batch_size: int, seed: int):
+def _view_batches(views: list[np.ndarray], onehot: np.ndarray, sample_weights: np.ndarray, batch_size: int, seed: int,
+                  multiple_of: int = 1):
     """A keras.utils.PyDataset over cached boundary activations: every epoch each training image appears once,
-    as one of its cached views (un-augmented or augmented) drawn at random, in shuffled order; seeded."""
+    as one of its cached views (un-augmented or augmented) drawn at random, in shuffled order; seeded. With data
+    parallelism over `multiple_of` devices, each epoch leaves out the last n % multiple_of of its order, so every
+    batch splits evenly (data.batches)."""
     import keras
 
     class ViewBatches(keras.utils.PyDataset):
         def __init__(self):
             super().__init__()
             self.rng = np.random.default_rng(seed)
+            self.used = len(onehot) - len(onehot) % multiple_of
             self.on_epoch_end()
 
         def on_epoch_end(self):
@@ -220,10 +229,10 @@ def _view_batches(views: list[np.ndarray], onehot: np.ndarray, sample_weights: n
             self.view = self.rng.integers(0, len(views), len(onehot))
 
         def __len__(self):
-            return int(np.ceil(len(onehot) / batch_size))
+            return int(np.ceil(self.used / batch_size))
 
         def __getitem__(self, i):
-            idx = np.sort(self.order[i * batch_size : (i + 1) * batch_size])
+            idx = np.sort(self.order[i * batch_size : min(self.used, (i + 1) * batch_size)])
             x = np.stack([views[v][j] for v, j in zip(self.view[idx], idx)]).astype(np.float32)
             return x, onehot[idx], sample_weights[idx]
 
@@ -328,7 +337,7 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
     else:
         with devices.scope():
             trained = augmented(model, aug)
-        val_x = data.batches(va.images, None, bs)
+        val_x = data.batches(va.images, None, bs, multiple_of=devices.replicas)
     cache_s = time.perf_counter() - t0
     steps_per_epoch = int(np.ceil(len(tr) / bs))
     total = cfg["epochs"] * steps_per_epoch
@@ -341,17 +350,17 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
             backend.seed_everything(seed, deterministic=not runtime["xla"])
             trained.set_weights(start)
         if cfg["views"]:
-            fit_data = {"x": _view_batches(train_views, onehot, _sample_weights(tr.labels, class_weight), bs, seed)}
+            fit_data = {"x": _view_batches(train_views, onehot, _sample_weights(tr.labels, class_weight), bs, seed, devices.replicas)}
         else:
             # the dataset shuffles itself (seeded); Keras' own shuffle does not apply to one
-            fit_data = {"x": data.batches(tr.images, onehot, bs, shuffle=True, seed=seed,
+            fit_data = {"x": data.batches(tr.images, onehot, bs, shuffle=True, seed=seed, multiple_of=devices.replicas,
                                           sample_weights=_sample_weights(tr.labels, class_weight)), "shuffle": False}
         schedule = keras.optimizers.schedules.CosineDecay(0.0, decay_steps=max(1, total - warmup),
                                                           warmup_target=cfg["learning_rate"], warmup_steps=warmup)
         trained.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg["weight_decay"]),
                         loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg["label_smoothing"]),
                         **backend.compile_kwargs(runtime))
-        selector = Selector(lambda: _predict(trained, val_x, bs), va.labels, positive,
+        selector = Selector(lambda: _predict(trained, val_x, bs, devices.replicas), va.labels, positive,
                             cfg["monitor"], cfg["monitor_specificity"], cfg["patience"], class_weight=class_weight)
         callbacks = [selector.callback(trained)] + ([backend.live_callback(live)] if member == 0 else [])
         callbacks.append(progress_callback(cfg["epochs"], f"member {member + 1} of {cfg['members']}" if cfg["members"] > 1 else "fine-tuning",
@@ -362,14 +371,14 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
             log.info("member %d (seed %d): epoch %d of %d, validation %s %.4f", member, seed, runs[-1][0]["best_epoch"],
                      runs[-1][0]["epochs_run"], cfg["monitor"], runs[-1][0][f"val_{cfg['monitor']}"])
     seconds = time.perf_counter() - t1
-    summary = runs[0][0] if len(runs) == 1 else _greedy_soup(trained, runs, lambda: _predict(trained, val_x, bs))
+    summary = runs[0][0] if len(runs) == 1 else _greedy_soup(trained, runs, lambda: _predict(trained, val_x, bs, devices.replicas))
     epochs = sum(r[0]["epochs_run"] for r in runs)
     summary.update(trainable_layers=n, cache_seconds=cache_s, seconds_per_epoch=seconds / max(1, epochs))
     if cfg["temperature_scaling"]:
-        proba = _predict(trained, val_x, bs).astype(np.float64)
+        proba = _predict(trained, val_x, bs, devices.replicas).astype(np.float64)
         t = fit_temperature(proba, va.labels)
         models.scale_logits(model, t)
-        after = _predict(trained, val_x, bs).astype(np.float64)
+        after = _predict(trained, val_x, bs, devices.replicas).astype(np.float64)
         summary["temperature"] = {"value": round(t, 4),
                                   "val_ece_before": round(metrics.expected_calibration_error(va.labels, proba), 4),
                                   "val_ece_after": round(metrics.expected_calibration_error(va.labels, after), 4)}

@@ -96,7 +96,7 @@ def saved(tmp_path_factory):
     for _ in range(40):
         model(pixels[..., None].astype(np.float32), training=True)
     head = model.get_layer("predictions")
-    head.set_weights([w * 30 for w in head.get_weights()])
+    head.set_weights([w * 3 for w in head.get_weights()])
     path = tmp / "model.keras"
     model.save(path)
     np.save(tmp / "pixels.npy", pixels[:5])
@@ -121,31 +121,32 @@ def test_the_same_model_gives_the_same_probabilities_and_maps_under_jax(saved, t
         print(json.dumps({{"layer": layer, "tensorflow": "tensorflow" in sys.modules}}))
     """)
     assert json.loads(out) == {"layer": layer, "tensorflow": False}
-    assert np.ptp(proba, axis=0).max() > 0.05  # the images get different outputs, so agreeing means something
+    assert np.ptp(proba, axis=0).max() > 0.02  # the images get different outputs, so agreeing means something
     np.testing.assert_allclose(np.load(tmp_path / "proba.npy"), proba, atol=1e-5)
     assert cams.shape == (5, 48, 48) and cams.max() == pytest.approx(1.0)
     np.testing.assert_allclose(np.load(tmp_path / "cams.npy"), cams, atol=2e-3)
 
 
-def test_jax_data_parallel_over_virtual_cpu_devices_trains_on_uneven_batches(tmp_path):
-    out = run_python(tmp_path, """
-        import json, numpy as np, keras
-        from cxr import backend, data, training
-        devices = backend.configure({"mixed_precision": False, "xla": False, "distribute": "all"})
-        model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(2, activation="softmax")])
-        model.compile(optimizer="adam", loss="categorical_crossentropy", jit_compile=True)
-        x = np.random.default_rng(0).integers(0, 256, (21, 8, 8), dtype=np.uint8)   # 21 = 2 batches of 8 and one of 5
-        y = np.eye(2, dtype=np.float32)[np.arange(21) % 2]
-        before = model.get_weights()[0].copy()
-        model.fit(data.batches(x, y, 4 * devices.replicas, shuffle=True), epochs=2, verbose=0)
-        proba = training._predict(model, data.batches(x, None, 4 * devices.replicas), 8)
-        dist = keras.distribution.distribution()
-        print(json.dumps({"replicas": devices.replicas, "kind": devices.kind, "mesh": list(dist.device_mesh.shape),
-                          "moved": float(np.abs(model.get_weights()[0] - before).max()), "rows": len(proba)}))
+def test_jax_data_parallel_over_virtual_cpu_devices_trains_on_uneven_splits(tmp_path):
+    """runtime.distribute=all on two virtual CPU devices: the baseline (augmentation on the fly) and fine-tuning run
+    data parallel (keras.distribution.DataParallel) on splits of 25 images, which no batch size divides evenly."""
+    out = run_python(tmp_path, f"""
+        import json, sys
+        sys.path.insert(0, {str(PROJECT / "tests")!r})
+        import keras
+        from test_training import CLASSES, _live, _params, _splits
+        from cxr import training
+        p = _params(**{{"train.feature_cache": False}})
+        p["runtime"]["distribute"] = "all"
+        s = _splits(n=25)
+        model, base = training.baseline(p, CLASSES, s, _live("a"))
+        training.save(model, "baseline.keras", training.model_info(p, CLASSES, "COVID"))
+        tuned, summary = training.finetune(p, CLASSES, s, "baseline.keras", _live("b"))
+        mesh = keras.distribution.distribution().device_mesh.shape
+        print(json.dumps({{"mesh": list(mesh), "epochs": [base["epochs_run"], summary["epochs_run"]], "auc": summary["val_macro_roc_auc"]}}))
     """, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
-    got = json.loads(out)
-    assert got["replicas"] == 2 and got["kind"] == "keras.distribution.DataParallel" and got["mesh"] == [2]
-    assert got["moved"] > 0 and got["rows"] == 21
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["mesh"] == [2] and got["epochs"] == [2, 2] and 0 <= got["auc"] <= 1
 
 
 def test_dvclive_logs_epochs_without_tensorflow(tmp_path):
