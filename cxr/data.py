@@ -212,13 +212,13 @@ def augmenter(cfg: dict, seed: int):
 
 
 def batches(images, labels: np.ndarray | None = None, batch_size: int = 64, *, shuffle: bool = False, seed: int = 0,
-            sample_weights: np.ndarray | None = None, multiple_of: int = 1):
+            sample_weights: np.ndarray | None = None, multiple_of: int = 1, augment=None):
     """A keras.utils.PyDataset (any Keras backend, no TensorFlow needed) of float32 rows of `images` (uint8
     (N, S, S) pixels get their channel axis: (B, S, S, 1); other arrays, e.g. cached features, keep their shape),
     with `labels` (and `sample_weights`) where given; read one batch at a time (from an array or a split's Rows),
     so only the batch is converted to float. In order, or with `shuffle` in a new order every epoch drawn from
-    (seed, epoch), so a run is reproducible. Augmentation is not done here: it is part of the model being trained
-    (training.augmented), where it runs on the accelerator.
+    (seed, epoch), so a run is reproducible. Augmentation is part of the model being trained (training.augmented),
+    where it runs on the accelerator; `augment` (a layer) applies it here instead, to each batch as it is read.
 
     With data parallelism every batch must split evenly over `multiple_of` devices: a training batch (labels
     given) is then cut to a multiple of it (the last one of an epoch drops at most multiple_of - 1 images, other
@@ -253,6 +253,10 @@ def batches(images, labels: np.ndarray | None = None, batch_size: int = 64, *, s
                 idx = np.sort(self.order[idx])
             x = np.asarray(images[idx], dtype=np.float32)
             x = x[..., None] if x.ndim == 3 else x
+            if augment is not None:
+                from .backend import to_numpy
+
+                x = to_numpy(augment(x, training=True))
             if labels is None:
                 pad = -len(x) % multiple_of
                 return (np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x,)

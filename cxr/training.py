@@ -25,6 +25,15 @@ def augmented(model, augment):
     return keras.Model(inp, model(augment(inp)), name=f"{model.name}_augmented")
 
 
+def _augmentation(model, augment, runtime: dict):
+    """(model to fit, augmentation for data.batches): the augmentation inside the compiled training step
+    (augmented), except under TensorFlow with XLA (runtime.xla), whose compilers lack the image-transform op
+    (ImageProjectiveTransformV3): there data.batches applies it to each batch as it reads it."""
+    if augment is not None and backend.name() == "tensorflow" and runtime["xla"]:
+        return model, augment
+    return augmented(model, augment), None
+
+
 def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> dict[int, float] | None:
     """sklearn's 'balanced' weights (n / (k * count)), or None."""
     if mode == "none":
@@ -183,10 +192,10 @@ def baseline(p: dict, classes: list[str], splits: dict[str, data.Subset], live, 
                     {"x": data.batches(x_train, tr.labels, bs, shuffle=True, seed=cfg["seed"], multiple_of=devices.replicas), "shuffle": False})
     else:
         with devices.scope():
-            trained = augmented(model, data.augmenter(cfg["augment"], cfg["seed"]))
+            trained, on_host = _augmentation(model, data.augmenter(cfg["augment"], cfg["seed"]), runtime)
         # the dataset shuffles itself (seeded); Keras' own shuffle does not apply to one
-        fit_data = {"x": data.batches(tr.images, tr.labels, bs, shuffle=True, seed=cfg["seed"], multiple_of=devices.replicas),
-                    "shuffle": False}
+        fit_data = {"x": data.batches(tr.images, tr.labels, bs, shuffle=True, seed=cfg["seed"], multiple_of=devices.replicas,
+                                      augment=on_host), "shuffle": False}
         x_val = data.batches(va.images, None, bs, multiple_of=devices.replicas)
     steps = cfg["epochs"] * int(np.ceil(len(tr) / bs))
     trained.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(cfg["learning_rate"], steps)),
@@ -336,7 +345,7 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
                  cfg["views"] + 1, len(tr), len(va), tuple(top.input.shape[1:]), time.perf_counter() - t0)
     else:
         with devices.scope():
-            trained = augmented(model, aug)
+            trained, on_host = _augmentation(model, aug, runtime)
         val_x = data.batches(va.images, None, bs, multiple_of=devices.replicas)
     cache_s = time.perf_counter() - t0
     steps_per_epoch = int(np.ceil(len(tr) / bs))
@@ -354,7 +363,7 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
         else:
             # the dataset shuffles itself (seeded); Keras' own shuffle does not apply to one
             fit_data = {"x": data.batches(tr.images, onehot, bs, shuffle=True, seed=seed, multiple_of=devices.replicas,
-                                          sample_weights=_sample_weights(tr.labels, class_weight)), "shuffle": False}
+                                          sample_weights=_sample_weights(tr.labels, class_weight), augment=on_host), "shuffle": False}
         schedule = keras.optimizers.schedules.CosineDecay(0.0, decay_steps=max(1, total - warmup),
                                                           warmup_target=cfg["learning_rate"], warmup_steps=warmup)
         trained.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg["weight_decay"]),

@@ -34,6 +34,9 @@ DEMO = {
     "finetune.patience": 8,
     "evaluate.bootstrap.resamples": 200,
     "gradcam.per_class": 3,
+    # at 64 px the default target (the last map at least 7 px across) is 8x8, coarse for lesions covering ~4% of
+    # the image; a 16x16 map is the finer one a user would pick for images this small
+    "gradcam.min_side": 16,
     # the default ieee8023 set (no local copy in tests: skipped), and a demo set generated with another seed
     "external.sets": [
         {"name": "ieee8023", "source": "covid-chestxray", "map": {"COVID-19": "positive", "non-COVID": "rest"}},
