@@ -292,6 +292,11 @@ def test_every_arch_builds_saves_and_loads_safely(arch, tmp_path):
     m.save(path)
     again = models.load(path)
     np.testing.assert_allclose(m.predict(x, verbose=0), again.predict(x, verbose=0), atol=1e-6)
+    from cxr import gradcam
+
+    layer, explain = gradcam.explainer(again, min_side=2)  # a layer where the backbone can be cut, maps for each image
+    cams = gradcam.heatmaps(again, x[..., 0].astype(np.uint8), np.array([0, 1]), explain=explain)
+    assert cams.shape == (2, 32, 32) and np.isfinite(cams).all() and cams.max() <= 1 and layer in {l.name for l in again.get_layer("backbone").layers}
 
 
 def test_bad_weights_and_model_files_are_one_clear_error(tmp_path, monkeypatch):
