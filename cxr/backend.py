@@ -121,7 +121,7 @@ def configure(runtime: dict) -> Devices:
         import tensorflow as tf
 
         many = gpus if len(gpus) > 1 else (tf.config.list_logical_devices("CPU") if mode == "all" else [])
-        if mode != "none" and (len(gpus) > 1 or (mode == "all" and len(many) > 1)):
+        if mode != "none" and len(many) > 1:
             strategy = tf.distribute.MirroredStrategy([d.name for d in many])
             devices = Devices(strategy.num_replicas_in_sync, strategy, "MirroredStrategy")
     elif backend == "jax":
@@ -159,7 +159,6 @@ def inference_function(model) -> Callable[[np.ndarray], np.ndarray]:
     if backend == "jax":
         import jax
 
-        state = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
         step = jax.jit(lambda tv, ntv, x: model.stateless_call(tv, ntv, x, training=False)[0])
         padded_to: list[int] = []
 
@@ -169,7 +168,9 @@ def inference_function(model) -> Callable[[np.ndarray], np.ndarray]:
                 padded_to.append(n)
             if n < padded_to[0]:
                 x = np.concatenate([x, np.zeros((padded_to[0] - n, *x.shape[1:]), x.dtype)])
-            return np.asarray(step(*state, x), dtype=np.float32)[:n]
+            # the weights as they are now (as TensorFlow's and PyTorch's calls read them), not when this was made
+            tv, ntv = [v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables]
+            return np.asarray(step(tv, ntv, x), dtype=np.float32)[:n]
 
         return run_jax
     import torch

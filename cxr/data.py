@@ -10,6 +10,7 @@ import pandas as pd
 from numpy.lib import format as npy
 
 from . import paths
+from .backend import to_numpy
 from .errors import UserError
 
 
@@ -211,6 +212,12 @@ def augmenter(cfg: dict, seed: int):
     return RandomAffine(cfg["rotation"], cfg["translation"], cfg["zoom"], bool(cfg["flip"]), seed=seed, name="augment")
 
 
+def even(n: int, multiple_of: int) -> int:
+    """How many of n training rows an epoch uses so that every batch splits evenly over `multiple_of` devices:
+    n cut to a multiple of it (at most multiple_of - 1 left out)."""
+    return n - n % multiple_of
+
+
 def batches(images, labels: np.ndarray | None = None, batch_size: int = 64, *, shuffle: bool = False, seed: int = 0,
             sample_weights: np.ndarray | None = None, multiple_of: int = 1, augment=None):
     """A keras.utils.PyDataset (any Keras backend, no TensorFlow needed) of float32 rows of `images` (uint8
@@ -227,11 +234,8 @@ def batches(images, labels: np.ndarray | None = None, batch_size: int = 64, *, s
     import keras
 
     n = len(images)
-    if labels is not None and multiple_of > 1:
-        full = n - n % multiple_of
-        steps = -(-full // batch_size)
-    else:
-        full, steps = n, -(-n // batch_size)
+    full = even(n, multiple_of) if labels is not None else n
+    steps = -(-full // batch_size)
 
     class Batches(keras.utils.PyDataset):
         def __init__(self):
@@ -254,8 +258,6 @@ def batches(images, labels: np.ndarray | None = None, batch_size: int = 64, *, s
             x = np.asarray(images[idx], dtype=np.float32)
             x = x[..., None] if x.ndim == 3 else x
             if augment is not None:
-                from .backend import to_numpy
-
                 x = to_numpy(augment(x, training=True))
             if labels is None:
                 pad = -len(x) % multiple_of

@@ -22,6 +22,12 @@ def target_layer(model, min_side: int = 7):
     across (padding layers excepted) where the backbone can be cut, i.e. nothing above it reads a tensor below
     it. At the usual 224 px that is the last conv feature map (7x7 for all four architectures); for small
     inputs, whose last map is 2x2, an earlier and finer one, at a block's end."""
+    net, layer_name, _ = _cut(model, min_side)
+    return net, layer_name
+
+
+def _cut(model, min_side: int):
+    """(backbone, target layer name, the backbone above it: _top's model, or None at the backbone's output)."""
     net = model.get_layer("backbone")
     import keras
 
@@ -31,9 +37,10 @@ def target_layer(model, min_side: int = 7):
         raise ValueError("no 4-D feature map in the backbone")
     wide = [layer for layer in maps if min(layer.output.shape[1:3]) >= min_side] or maps
     for layer in reversed(wide):
-        if _top(net, layer.name) is not False:
-            return net, layer.name
-    return net, wide[-1].name
+        top = _top(net, layer.name)
+        if top is not False:
+            return net, layer.name, top
+    return net, maps[-1].name, _top(net, maps[-1].name)  # the backbone's own output: nothing above it
 
 
 def _top(net, layer_name: str):
@@ -59,8 +66,7 @@ def explainer(model, min_side: int = 7):
 
     from . import backend, models
 
-    net, layer_name = target_layer(model, min_side)
-    top = _top(net, layer_name)
+    net, layer_name, top = _cut(model, min_side)
     inp = keras.Input(model.input_shape[1:], name="image")
     below = backend.inference_function(keras.Model(inp, keras.Model(net.inputs, net.get_layer(layer_name).output)(
         models.before_backbone(model)(inp)), name="below_target"))

@@ -130,16 +130,17 @@ def progress_callback(total: int, desc: str, unit: str, shown: tuple[str, ...] =
     return _Bar()
 
 
-def _predict(model, x, batch_size: int, multiple_of: int = 1) -> np.ndarray:
-    """model.predict on an array or a data.batches dataset (batched already), for all its rows; with data
-    parallelism over `multiple_of` devices, through data.batches, which pads the last batch to split evenly."""
+def _predict(model, x, batch_size: int, multiple_of: int = 1, callbacks=()) -> np.ndarray:
+    """model.predict on an array or a data.batches dataset (batched already), for all its rows (a dataset's padding
+    trimmed); with data parallelism over `multiple_of` devices, through data.batches, which pads the last batch to
+    split evenly."""
     import keras
 
     if isinstance(x, keras.utils.PyDataset):
-        return model.predict(x, verbose=0)[: getattr(x, "n", None)]
+        return model.predict(x, verbose=0, callbacks=list(callbacks))[: getattr(x, "n", None)]
     if multiple_of > 1:
-        return model.predict(data.batches(x, None, batch_size, multiple_of=multiple_of), verbose=0)[: len(x)]
-    return model.predict(x, batch_size=batch_size, verbose=0)
+        return _predict(model, data.batches(x, None, batch_size, multiple_of=multiple_of), batch_size, callbacks=callbacks)
+    return model.predict(x, batch_size=batch_size, verbose=0, callbacks=list(callbacks))
 
 
 def _sample_weights(labels: np.ndarray, class_weight: dict[int, float] | None) -> np.ndarray:
@@ -181,8 +182,8 @@ def baseline(p: dict, classes: list[str], splits: dict[str, data.Subset], live, 
     if cfg["feature_cache"]:
         t0 = time.perf_counter()
         extractor = models.feature_extractor(model)
-        x_train, x_val = (extractor.predict(data.batches(s.images, None, bs, multiple_of=devices.replicas), verbose=0,
-                                            callbacks=[progress_callback(-(-len(s) // bs), f"features: {name}", "batch")])[: len(s)]
+        x_train, x_val = (_predict(extractor, data.batches(s.images, None, bs, multiple_of=devices.replicas), bs,
+                                   callbacks=[progress_callback(-(-len(s) // bs), f"features: {name}", "batch")])
                           for name, s in (("train", tr), ("val", va)))
         summary["feature_cache_seconds"] = time.perf_counter() - t0
         log.info("cached backbone features for %d images in %.1fs", len(tr) + len(va), summary["feature_cache_seconds"])
@@ -230,7 +231,7 @@ def _view_batches(views: list[np.ndarray], onehot: np.ndarray, sample_weights: n
         def __init__(self):
             super().__init__()
             self.rng = np.random.default_rng(seed)
-            self.used = len(onehot) - len(onehot) % multiple_of
+            self.used = data.even(len(onehot), multiple_of)
             self.on_epoch_end()
 
         def on_epoch_end(self):
@@ -255,14 +256,15 @@ def _greedy_soup(model, runs: list, predict_val) -> dict:
     first member's summary with the soup's validation scores and a `members` record."""
     order = sorted(range(len(runs)), key=lambda i: runs[i][2].key(runs[i][2].history[runs[i][0]["best_epoch"]]), reverse=True)
     judge = runs[0][2]
+    average = lambda members: [np.mean([runs[j][1][k] for j in members], axis=0) for k in range(len(runs[0][1]))]  # noqa: E731
     soup, best_key, best_scores = [order[0]], None, None
     for i in order:
         trial = soup if i == order[0] else soup + [i]
-        model.set_weights([np.mean([runs[j][1][k] for j in trial], axis=0) for k in range(len(runs[0][1]))])
+        model.set_weights(average(trial))
         s = metrics.selection_scores(judge.y, predict_val(), judge.positive, judge.specificity, judge.class_weight)
         if best_key is None or judge.key(s) >= best_key:
             soup, best_key, best_scores = trial, judge.key(s), s
-    model.set_weights([np.mean([runs[j][1][k] for j in soup], axis=0) for k in range(len(runs[0][1]))])
+    model.set_weights(average(soup))
     log.info("greedy soup of members %s (of %d): validation %s %.4f", sorted(soup), len(runs), judge.monitor, best_scores[judge.monitor])
     summary = dict(runs[0][0])
     summary.update({f"val_{k}": round(v, 6) for k, v in best_scores.items()})

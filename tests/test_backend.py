@@ -128,6 +128,24 @@ def test_the_same_model_gives_the_same_probabilities_and_maps_under_jax(saved, t
     np.testing.assert_allclose(np.load(tmp_path / "cams.npy"), cams, atol=2e-3)
 
 
+def test_the_compiled_inference_call_reads_the_weights_as_they_are_now(tmp_path):
+    """Under JAX the compiled call takes the weights as arguments: changed after it was made (a checkpoint
+    restored, a temperature applied), they are the ones it uses, as model.predict would."""
+    out = run_python(tmp_path, """
+        import json, numpy as np, keras
+        from cxr import backend
+        model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")])
+        x = np.random.default_rng(0).uniform(0, 1, (5, 4, 4, 1)).astype(np.float32)
+        run = backend.inference_function(model)
+        before = run(x)
+        model.set_weights([w * 4 for w in model.get_weights()])
+        after, expected = run(x), model.predict(x, verbose=0)
+        print(json.dumps([float(np.abs(after - before).max()), float(np.abs(after - expected).max())]))
+    """)
+    changed, off = json.loads(out.strip().splitlines()[-1])
+    assert changed > 0.01 and off < 1e-6
+
+
 def test_jax_data_parallel_over_virtual_cpu_devices_trains_on_uneven_splits(tmp_path):
     """runtime.distribute=all on two virtual CPU devices: the baseline (augmentation on the fly) and fine-tuning run
     data parallel (keras.distribution.DataParallel) on splits of 25 images, which no batch size divides evenly."""
@@ -164,3 +182,67 @@ def test_dvclive_logs_epochs_without_tensorflow(tmp_path):
     loss = (tmp_path / "live/plots/metrics/train/loss.tsv").read_text().splitlines()
     assert loss[0].split("\t") == ["step", "loss"] and len(loss) == 4
     assert (tmp_path / "live/plots/metrics/eval/loss.tsv").is_file()
+
+
+FINETUNE_RECIPE = """
+    import json, sys
+    sys.path.insert(0, {tests!r})
+    import keras, numpy as np
+    from test_training import CLASSES, _live, _params, _splits
+    from cxr import inference, models, training
+    p = _params(**{{"train.augment": {{"rotation": 0, "translation": 0, "zoom": 0, "flip": False}},
+                    "finetune.epochs": 3, "finetune.warmup_epochs": 1, "finetune.label_smoothing": 0.1,
+                    "finetune.learning_rate": 3e-4}})
+    s = _splits(n=24)
+    tuned, summary = training.finetune(p, CLASSES, s, {baseline!r}, _live({live!r}))
+    proba = inference.probabilities(tuned, s["test"].images, batch_size=8)
+    np.save({out!r}, proba)
+    print(json.dumps({{"backend": keras.backend.backend(), "summary": summary}}))
+"""
+
+
+def test_the_finetuning_recipe_takes_the_same_steps_under_jax(tmp_path):
+    """What the backends share is the whole recipe, not just the forward pass: with its random parts off
+    (augmentation and dropout), training.finetune from the same baseline file, on the same batches (the dataset
+    shuffles itself from the seed), gives the same model under TensorFlow and JAX (AdamW with warm-up and cosine
+    decay, label smoothing, class weights, BatchNorm updates, checkpoint choice, temperature scaling), up to float
+    rounding. So a retrained pipeline on another backend differs from TensorFlow's only by its random draws."""
+    from test_training import CLASSES, _params, _splits
+
+    from cxr.modelinfo import model_info, save
+
+    # a start worth fine-tuning: BatchNorm statistics fitted to the images, a head that separates them (a random
+    # start maps every image to one output, and AdamW's first sign-like steps on zero gradients differ by rounding)
+    keras.utils.set_random_seed(0)
+    model = models.build("mobilenetv2", 3, 32, "none", alpha=0.35, dropout=0.0)
+    models.unfreeze_from(model, "all", freeze_batchnorm=False)
+    images = _splits(n=24)["train"].images[..., None].astype(np.float32)
+    for _ in range(40):
+        model(images, training=True)
+    head = model.get_layer("predictions")
+    head.set_weights([w * 3 for w in head.get_weights()])
+    baseline = tmp_path / "baseline.keras"
+    save(model, baseline, model_info(_params(), CLASSES, "COVID"))
+    runs = {}
+    for name in ("tensorflow", "jax"):
+        code = FINETUNE_RECIPE.format(tests=str(PROJECT / "tests"), baseline=str(baseline), live=str(tmp_path / f"live-{name}"),
+                                      out=str(tmp_path / f"{name}.npy"))
+        if name == "tensorflow":
+            e = {**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONPATH": str(PROJECT)}
+            proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, env=e, capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            out = proc.stdout
+        else:
+            out = run_python(tmp_path, code)
+        runs[name] = json.loads(out.strip().splitlines()[-1])
+        assert runs[name]["backend"] == name
+    tf_s, jax_s = runs["tensorflow"]["summary"], runs["jax"]["summary"]
+    assert tf_s["best_epoch"] == jax_s["best_epoch"] > 0 and tf_s["epochs_run"] == jax_s["epochs_run"] == 3
+    assert jax_s["val_loss"] == pytest.approx(tf_s["val_loss"], abs=1e-3)
+    # 24 validation images: rounding may swap one close pair, 1/(8*16)/3 of macro ROC-AUC
+    assert jax_s["val_macro_roc_auc"] == pytest.approx(tf_s["val_macro_roc_auc"], abs=0.006)
+    assert jax_s["val_balanced_accuracy"] == pytest.approx(tf_s["val_balanced_accuracy"], abs=1e-6)
+    assert jax_s["temperature"]["value"] == pytest.approx(tf_s["temperature"]["value"], abs=2e-3)
+    a, b = np.load(tmp_path / "tensorflow.npy"), np.load(tmp_path / "jax.npy")
+    assert np.ptp(a, axis=0).max() > 0.01  # trained: the images get different outputs
+    np.testing.assert_allclose(b, a, atol=2e-3)
