@@ -321,11 +321,13 @@ def test_exp_run_other_architecture(demo_copy):
     assert "efficientnetb0" in json.dumps(shown)
 
 
-# Same params and data under another backend: each backend draws its own random initial weights, augmentations
-# and dropout masks, so the figures agree within training noise, not bit for bit (the same saved model gives the
-# same probabilities within 1e-5: tests/test_backend.py). The tolerance on the demo: the COVID ROC-AUC (test split
-# and the external demo set) within 0.05 of TensorFlow's, macro ROC-AUC within 0.1.
-POS_AUC_TOLERANCE, MACRO_AUC_TOLERANCE = 0.05, 0.1
+# Retrained under another backend from the same baseline file, fine-tuning differs from TensorFlow's only by its
+# random draws (augmentations, dropout masks): with those off, both take the same steps (tests/test_backend.py::
+# test_the_finetuning_recipe_takes_the_same_steps_under_jax). Those draws alone move the demo's test macro ROC-AUC a
+# lot: finetune.seed 0-3 gave 0.968, 0.875, 0.954, 0.955 under TensorFlow and 0.866, 0.936, 0.964, 0.929 under JAX
+# (COVID ROC-AUC 0.891-0.970 and 0.969-0.978). One run per backend cannot be held to a closer agreement than
+# that spread, so the run under JAX must clear the floors every one of those eight runs cleared.
+FLOORS = {"pos_auc": 0.85, "auc": 0.85, "external_pos_auc": 0.85, "external_auc": 0.85}
 
 
 @pytest.mark.slow
@@ -349,10 +351,11 @@ def test_the_model_stages_rerun_under_jax_without_tensorflow(demo_copy, tmp_path
     assert "backend jax" in proc.stdout + proc.stderr and "XLA always" in proc.stdout + proc.stderr
     assert noise(proc.stdout + proc.stderr) == []
     jax = figures()
-    assert jax["auc"] > jax["baseline_auc"] and jax["pos_auc"] >= 0.85
-    for key, tol in (("pos_auc", POS_AUC_TOLERANCE), ("external_pos_auc", POS_AUC_TOLERANCE), ("auc", MACRO_AUC_TOLERANCE),
-                     ("external_auc", MACRO_AUC_TOLERANCE)):
-        assert abs(jax[key] - tensorflow[key]) <= tol, (key, jax, tensorflow)
+    assert jax["baseline_auc"] == tensorflow["baseline_auc"]  # the baseline was not retrained
+    assert jax["auc"] > jax["baseline_auc"] + 0.2
+    for key, floor in FLOORS.items():
+        assert jax[key] >= floor, (key, jax, tensorflow)
+    assert jax != tensorflow  # really retrained: its own draws
     assert (demo_copy / "plots/gradcam").is_dir() and json.loads((demo_copy / "metrics/gradcam.json").read_text())["images"] > 0
 
 
