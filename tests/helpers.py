@@ -72,20 +72,34 @@ def env() -> dict:
     return e
 
 
-def run(cwd: Path, *args: str, check: bool = True, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+def run(cwd: Path, *args: str, check: bool = True, extra_env: dict | None = None, timeout: float = 1800,
+        log: Path | None = None) -> subprocess.CompletedProcess:
     """Run a command (e.g. `dvc repro`) in cwd; on failure show its output. No PYTHONPATH: stages import the
-    repository's own `cxr` because dvc.yaml runs them as `python -m stages.<name>` from its root."""
+    repository's own `cxr` because dvc.yaml runs them as `python -m stages.<name>` from its root. Past `timeout`
+    seconds it is killed and the test fails. With `log`, its output goes to that file, not to pipes: a command
+    that leaves a background process behind (`dvc queue start`'s workers inherit its stdout and stderr) would
+    otherwise hold the pipes open, and reading them would wait for that process to end."""
     e = env()
     e.pop("PYTHONPATH", None)
     e.update(extra_env or {})
-    proc = subprocess.run(list(args), cwd=cwd, env=e, capture_output=True, text=True)
+    try:
+        if log is None:
+            proc = subprocess.run(list(args), cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+        else:
+            with open(log, "w") as out:
+                proc = subprocess.run(list(args), cwd=cwd, env=e, stdin=subprocess.DEVNULL, stdout=out,
+                                      stderr=subprocess.STDOUT, text=True, timeout=timeout)
+            proc.stdout, proc.stderr = Path(log).read_text(), ""
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"{' '.join(args)} still running after {timeout}s: killed") from exc
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
     return proc
 
 
-def dvc(cwd: Path, *args: str, check: bool = True, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    return run(cwd, sys.executable, "-m", "dvc", *args, check=check, extra_env=extra_env)
+def dvc(cwd: Path, *args: str, check: bool = True, extra_env: dict | None = None, timeout: float = 1800,
+        log: Path | None = None) -> subprocess.CompletedProcess:
+    return run(cwd, sys.executable, "-m", "dvc", *args, check=check, extra_env=extra_env, timeout=timeout, log=log)
 
 
 # What must never reach a user's terminal from a run on a CPU-only machine, nor any captured output: a C++

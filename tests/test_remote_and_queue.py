@@ -32,6 +32,21 @@ def test_push_on_one_clone_pull_on_another_reruns_nothing(demo_copy, tmp_path):
     assert sorted(ran_stages(dvc(b, "repro").stdout)) == sorted(["finetune", "evaluate", "gradcam", "external"])
 
 
+def _start_queue(repo, jobs: int):
+    """`dvc queue start -j jobs`, its output to a file: its workers inherit its stdout and stderr, and would hold
+    pipes open until they exit."""
+    dvc(repo, "queue", "start", "-j", str(jobs), log=repo.parent / f"{repo.name}-queue-start.log", timeout=120)
+
+
+@pytest.fixture
+def stop_workers():
+    """Stops the queue workers of the repositories a test started them in, whatever its outcome."""
+    repos = []
+    yield repos.append
+    for repo in repos:
+        dvc(repo, "queue", "stop", "--kill", check=False, timeout=120)
+
+
 def _wait_for_queue(repo, timeout=600):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -44,10 +59,11 @@ def _wait_for_queue(repo, timeout=600):
 
 
 @pytest.mark.slow
-def test_queued_experiments_run_in_parallel_workers(demo_copy):
+def test_queued_experiments_run_in_parallel_workers(demo_copy, stop_workers):
     for target in ("0.8", "0.99"):
         dvc(demo_copy, "exp", "run", "--queue", "-S", f"evaluate.operating_point.target={target}")
-    dvc(demo_copy, "queue", "start", "-j", "2")
+    stop_workers(demo_copy)
+    _start_queue(demo_copy, 2)
     status = _wait_for_queue(demo_copy)
     assert "Failed" not in status, status
     rows = json.loads(dvc(demo_copy, "exp", "show", "--json").stdout)
@@ -63,7 +79,7 @@ def test_queued_experiments_run_in_parallel_workers(demo_copy):
 
 
 @pytest.mark.slow
-def test_queued_experiment_runs_its_own_library_code(demo_copy):
+def test_queued_experiment_runs_its_own_library_code(demo_copy, stop_workers):
     """A queued experiment runs in a temporary workspace under .dvc/tmp/exps/: its stages must import that
     workspace's cxr/ (with the experiment's change), not the checkout the virtualenv was installed from."""
     path = demo_copy / "cxr/evaluation.py"
@@ -73,7 +89,8 @@ def test_queued_experiment_runs_its_own_library_code(demo_copy):
     path.write_text(source.replace(marker, '    head["code_marker"] = 7\n' + marker, 1))
     dvc(demo_copy, "exp", "run", "--queue", "-n", "marked")
     path.write_text(source)  # the workspace goes back; the queued snapshot keeps the change
-    dvc(demo_copy, "queue", "start", "-j", "1")
+    stop_workers(demo_copy)
+    _start_queue(demo_copy, 1)
     status = _wait_for_queue(demo_copy)
     assert "Failed" not in status, status
     rows = json.loads(dvc(demo_copy, "exp", "show", "--json").stdout)
