@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from . import images, progress
+from . import images, paths, progress
 from .sources import Drop, Record
 
 log = logging.getLogger("clean")
@@ -69,19 +69,14 @@ def limits(cfg: dict) -> dict:
             "min_side": cfg.get("min_side", images.DEFAULT_MIN_SIDE)}
 
 
-SERIAL_BELOW = 64  # fewer records are decoded in this process: starting workers would cost more
-
-
 def decode_all(raw: Path, records: list[Record], size: int, mode: str, max_pixels: int | dict, workers: int,
                *, decode=images.decode) -> list[Decoded]:
     """Decode every record, in parallel over `workers` processes (0 = all cores), in input order, with
     images.decode_many: a file that crashes its worker is dropped as `decoder_crashed`, the others go on.
     `max_pixels`: that limit alone, or a dict of images.decode's limits (see limits()). `decode`: images.decode,
     or a stand-in with its signature (a module-level function, so that workers can load it)."""
-    workers = images.resolve_workers(workers)
+    workers = images.workers_for(len(records), workers)
     lim = max_pixels if isinstance(max_pixels, dict) else {"max_pixels": max_pixels}
-    if len(records) < SERIAL_BELOW:
-        workers = 1
     fn = functools.partial(decode_record, str(raw), size, mode, lim, decode=decode)
     chunk = max(1, min(64, len(records) // (4 * workers)))
     out = []
@@ -190,23 +185,21 @@ def write_shards(kept: list[Decoded], out: Path, shard_size: int) -> pd.DataFram
     (`lungs-NNNNN.npy`, bool) alongside where any record has one (all False for those without); returns the
     manifest."""
     rows = []
-    kinds = [kind for kind in ("mask", "lungs") if any(getattr(it, kind) is not None for it in kept)]
+    kinds = [kind for kind in paths.MASK_SHARDS if any(getattr(it, kind) is not None for it in kept)]
     for s, start in enumerate(range(0, len(kept), shard_size)):
         chunk = kept[start : start + shard_size]
         np.save(out / f"images-{s:05d}.npy", np.stack([it.pixels for it in chunk]))
         blank = np.zeros_like(chunk[0].pixels, dtype=bool)
         for kind in kinds:
-            np.save(out / f"{SHARD_PREFIX[kind]}-{s:05d}.npy",
+            np.save(out / f"{paths.MASK_SHARDS[kind][0]}-{s:05d}.npy",
                     np.stack([getattr(it, kind) if getattr(it, kind) is not None else blank for it in chunk]))
         for k, it in enumerate(chunk):
             r = it.record
             rows.append({"file": r.file, "label": r.label, "group": r.group, "sha256": it.sha256,
-                         "phash": it.phash, "shard": s, "index": k, "has_mask": it.mask is not None,
-                         "has_lungs": it.lungs is not None})
-    return pd.DataFrame(rows, columns=["file", "label", "group", "sha256", "phash", "shard", "index", "has_mask", "has_lungs"])
-
-
-SHARD_PREFIX = {"mask": "masks", "lungs": "lungs"}   # Decoded field -> shard file prefix
+                         "phash": it.phash, "shard": s, "index": k,
+                         **{col: getattr(it, kind) is not None for kind, (_, col) in paths.MASK_SHARDS.items()}})
+    columns = ["file", "label", "group", "sha256", "phash", "shard", "index"] + [col for _, col in paths.MASK_SHARDS.values()]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def summarize(n_records: int, source_drops: list[Drop], stage_drops: list[Drop], manifest: pd.DataFrame, classes: list[str]) -> dict:

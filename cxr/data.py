@@ -187,7 +187,7 @@ def load_splits(classes: list[str], clean_dir: Path = paths.CLEAN, split_csv: Pa
     if unknown:
         raise UserError(f"{split_csv} has label {unknown[0]!r}, not among the dataset's classes {classes}")
     # masks-*.npy (lesions) and lungs-*.npy exist where any image has one (manifests of older runs lack has_lungs)
-    kinds = ["images"] + [kind for kind, col in (("masks", "has_mask"), ("lungs", "has_lungs"))
+    kinds = ["images"] + [kind for kind, col in paths.MASK_SHARDS.values()
                           if masks and col in table and table[col].any()]
     out = {}
     for name in only:

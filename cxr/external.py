@@ -20,7 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
-from . import atomic, clean, demo, download, evaluation, images, inference, metrics, modelinfo, paths, probes, progress, sources
+from . import atomic, clean, download, evaluation, images, inference, metrics, modelinfo, paths, probes, progress, sources
 from .errors import UserError
 
 log = logging.getLogger("external")
@@ -29,13 +29,6 @@ REST = "rest"        # a map target: not the model's positive class
 POSITIVE = "positive"  # a map target: the model's positive class, whatever the dataset calls it
 REST_INDEX = -1      # its label index: no model class, so it counts as "other" for every positive-vs-rest figure
 
-# How a registered source is read as an external set: every label it has (the set's map picks), and for
-# ieee8023 the frontal views. Independent of `datasets.<name>`, which configures training on that source.
-READ_AS = {
-    "covid-radiography": {"classes": list(sources.RADIOGRAPHY_CLASSES)},
-    "covid-chestxray": {"classes": ["COVID-19", "non-COVID"], "positive": "COVID-19", "views": ["PA", "AP", "AP Supine"]},
-    "demo": {"classes": list(demo.CLASSES)},
-}
 
 
 class Missing(Exception):
@@ -70,7 +63,8 @@ def records(entry: dict, root: Path) -> tuple[list[sources.Record], list[sources
     if entry["source"] == "folder":
         recs, drops = sources.class_folders(root)
     else:
-        recs, drops = sources.get(entry["source"]).records(root, READ_AS[entry["source"]])
+        source = sources.get(entry["source"])
+        recs, drops = source.records(root, source.as_external())
     return sorted(recs, key=lambda r: r.file), drops
 
 
@@ -130,8 +124,7 @@ def summary(targets: np.ndarray, proba: np.ndarray, classes: list[str], positive
     out = {"positive": {"class": positive, **positive_figures(targets, proba, pos, threshold, ev)}}
     if len(targets) and (targets != REST_INDEX).all():
         rep = metrics.report(targets, proba, classes)
-        out["multiclass"] = {"accuracy": rep["accuracy"], "balanced_accuracy": rep["balanced_accuracy"],
-                             "macro_roc_auc": rep["macro"]["roc_auc"]}
+        out["multiclass"] = metrics.headline(rep)
     return out
 
 
@@ -151,7 +144,7 @@ def score_set(entry: dict, forward_fn, info: dict, op: dict, cfg: dict, ev: dict
         pick = subsample(len(kept), cfg["max_images"], cfg["seed"])
         files = [root / kept[i].file for i in pick]
         decode = functools.partial(images.decode, size=info["image_size"], mode=info["resize"], **clean.limits(clean_cfg))
-        workers = 1 if len(files) < clean.SERIAL_BELOW else images.resolve_workers(clean_cfg["workers"])
+        workers = images.workers_for(len(files), clean_cfg["workers"])
         with images.decode_many(decode, files, workers) as items:
             proba, errors = inference.predict_stream(progress.bar(items, len(files), entry["name"]), forward_fn, len(classes))
     ok = np.array([e == "" for e in errors], dtype=bool)

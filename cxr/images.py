@@ -207,6 +207,14 @@ def resolve_workers(workers: int) -> int:
     return workers if workers > 0 else (os.cpu_count() or 1)
 
 
+SERIAL_BELOW = 64  # fewer files are decoded in this process: starting workers would cost more
+
+
+def workers_for(n: int, workers: int) -> int:
+    """Worker processes for decoding `n` files (`workers`: a param, 0 = all cores): 1 below SERIAL_BELOW."""
+    return 1 if n < SERIAL_BELOW else resolve_workers(workers)
+
+
 class decode_many:
     """Run `fn(job)` (a decode: returns a value or raises DecodeError) over `jobs`, yielding Items in input order.
 

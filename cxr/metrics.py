@@ -185,6 +185,12 @@ def report(y_true: np.ndarray, proba: np.ndarray, class_names: list[str], *, ece
 
 # --------------------------------------------------------------------------- operating points
 
+def headline(rep: dict) -> dict:
+    """The figures every summary leads with, from a report(): accuracy, balanced accuracy, macro ROC-AUC."""
+    return {"accuracy": rep["accuracy"], "balanced_accuracy": rep["balanced_accuracy"],
+            "macro_roc_auc": rep["macro"]["roc_auc"]}
+
+
 def threshold_for_sensitivity(y_pos: np.ndarray, score: np.ndarray, target: float) -> float:
     """Highest positive-class score t such that sensitivity of (score >= t) is >= target."""
     if not 0.0 <= target <= 1.0:

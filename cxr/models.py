@@ -149,7 +149,7 @@ def build(arch: str, num_classes: int, image_size: int, weights: str = "imagenet
         x = layer(x)
     # Pretrained BatchNorm statistics are kept: the backbone always runs in inference mode. Without
     # pretrained weights there are no statistics worth keeping, and BatchNorm trains when unfrozen.
-    x = net(x, training=False) if weights != "none" or init != "none" else net(x)
+    x = net(x, training=False) if pretrained({"weights": weights, "init": init}) else net(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
     reg = keras.regularizers.L2(l2) if l2 else None

@@ -9,6 +9,8 @@ RAW = Path("data/raw")                 # download: the dataset as published
 CLEAN = Path("data/clean")             # clean: image shards + manifest.csv
 CLEAN_MANIFEST = CLEAN / "manifest.csv"
 SPLIT = Path("data/split.csv")         # split: file, label, group, split
+# Per-pixel masks stored beside the image shards: Decoded field -> (shard file prefix, manifest column)
+MASK_SHARDS = {"mask": ("masks", "has_mask"), "lungs": ("lungs", "has_lungs")}
 
 MODELS = Path("models")
 BASELINE = MODELS / "baseline.keras"

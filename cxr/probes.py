@@ -71,8 +71,7 @@ def occlude(images: np.ndarray, region: np.ndarray, fill: str | int, side: str) 
 
 def scores(labels: np.ndarray, proba: np.ndarray, classes: list[str], positive: str) -> dict:
     rep = metrics.report(labels, proba, classes)
-    return {"accuracy": rep["accuracy"], "balanced_accuracy": rep["balanced_accuracy"],
-            "macro_roc_auc": rep["macro"]["roc_auc"], "positive_roc_auc": rep[metrics.class_key(positive)]["roc_auc"]}
+    return {**metrics.headline(rep), "positive_roc_auc": rep[metrics.class_key(positive)]["roc_auc"]}
 
 
 def retained(probe: float | None, unchanged: float | None) -> float | None:

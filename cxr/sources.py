@@ -364,6 +364,11 @@ class Source:
         """Generated sources: write the dataset into the empty folder `dest`; return its version."""
         raise NotImplementedError
 
+    def as_external(self) -> dict:
+        """How the source is read as an external set (cxr.external): every label it has, the set's map picks.
+        Independent of `datasets.<name>`, which configures training on the source."""
+        raise NotImplementedError
+
 
 def _known_classes(p: dict, key: str, known, same) -> None:
     """Class names the data can never provide fail while params are checked, before download runs."""
@@ -382,6 +387,9 @@ class Radiography(Source):
     def records(self, raw, ds):
         return radiography(raw, ds["classes"])
 
+    def as_external(self):
+        return {"classes": list(RADIOGRAPHY_CLASSES)}
+
 
 class ChestXray(Source):
     name = "covid-chestxray"
@@ -394,6 +402,9 @@ class ChestXray(Source):
 
     def records(self, raw, ds):
         return chestxray(raw, ds["classes"], ds["positive"], ds["views"])
+
+    def as_external(self):
+        return {"classes": ["COVID-19", "non-COVID"], "positive": "COVID-19", "views": ["PA", "AP", "AP Supine"]}  # frontal views
 
 
 class Demo(Source):
@@ -414,6 +425,11 @@ class Demo(Source):
 
     def records(self, raw, ds):
         return demo(raw, ds["classes"])
+
+    def as_external(self):
+        from . import demo as generator
+
+        return {"classes": list(generator.CLASSES)}
 
     def generate(self, dest, ds):
         from . import demo as generator

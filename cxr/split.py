@@ -6,6 +6,7 @@ import itertools
 import numpy as np
 import pandas as pd
 
+from . import paths
 from .clean import UnionFind, close_pairs, hash_words
 from .errors import UserError
 
@@ -23,7 +24,7 @@ def read_manifest(path) -> pd.DataFrame:
     for col in ("shard", "index"):
         if col in m:
             m[col] = m[col].astype(int)
-    for col in ("has_mask", "has_lungs"):
+    for _, col in paths.MASK_SHARDS.values():
         if col in m:
             m[col] = m[col].map({"True": True, "False": False})
     return m

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxr import clean, data
+from cxr import clean, data, images
 from cxr.clean import UnionFind, close_pairs, hamming
 from cxr.images import decode
 from cxr.sources import Drop, Record
@@ -242,7 +242,7 @@ def test_a_file_that_kills_its_decoding_worker_is_dropped_and_counted(tmp_path):
     recs = [Record(_put(raw, f"{cls}/{i:03d}.png", _smooth(10 * i + (cls == "COVID"))), cls, f"{cls}{i}")
             for i in range(35) for cls in CLASSES]
     recs.append(Record(_put(raw, "COVID/crash.png", _smooth(999)), "COVID", "crash"))
-    assert len(recs) >= clean.SERIAL_BELOW
+    assert len(recs) >= images.SERIAL_BELOW
     out = tmp_path / "out"
     out.mkdir()
     summary, dropped = clean.run(raw, out, recs, [], CLASSES, _cfg(workers=2, near_duplicate_distance=-1, shard_size=128),
