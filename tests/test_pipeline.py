@@ -132,11 +132,10 @@ def test_evaluate_param_reruns_only_evaluate(demo_copy):
 
 
 @pytest.mark.slow
-def test_finetune_then_train_params_rerun_what_depends_on_them(demo_copy):
+def test_a_finetune_param_reruns_finetune_and_what_depends_on_it_not_train(demo_copy):
+    # a change upstream of finetune reruns train and everything after it: test_model_init_transfers_...
     set_params(demo_copy / "params.yaml", {"finetune.epochs": 2})
     assert sorted(ran_stages(dvc(demo_copy, "repro").stdout)) == sorted(["finetune", "evaluate", "gradcam", "external"])
-    set_params(demo_copy / "params.yaml", {"train.learning_rate": 0.002})
-    assert sorted(ran_stages(dvc(demo_copy, "repro").stdout)) == sorted(["train", "finetune", "evaluate", "gradcam", "external"])
 
 
 @pytest.mark.slow
