@@ -30,7 +30,6 @@ POSITIVE = "positive"  # a map target: the model's positive class, whatever the 
 REST_INDEX = -1      # its label index: no model class, so it counts as "other" for every positive-vs-rest figure
 
 
-
 class Missing(Exception):
     """A set whose data is not there (the reason is the message)."""
 
