@@ -205,6 +205,9 @@ def _validate(p: dict, sources: dict | None) -> None:
     _int(p, "finetune.warmup_epochs", 0, epochs - 1)
     _float(p, "finetune.weight_decay", 0, 1)
     _float(p, "finetune.label_smoothing", 0, 1, hi_open=True)
+    ema = _float(p, "finetune.ema_epochs", 0, 100)
+    if 0 < ema < 0.1:
+        _fail("finetune.ema_epochs", "0 (off) or at least 0.1 (epochs)", ema)
     _choice(p, "finetune.monitor", ("macro_roc_auc", "sensitivity_at_specificity", "balanced_accuracy", "loss"))
     _float(p, "finetune.monitor_specificity", 0, 1, lo_open=True)
     _bool(p, "finetune.temperature_scaling")

@@ -1,6 +1,7 @@
 """Training: the frozen-backbone baseline (optionally on cached features) and fine-tuning."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -49,6 +50,24 @@ def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> dict[int, fl
 BASELINE_SPECIFICITY = 0.95
 
 
+@contextlib.contextmanager
+def averaged_weights(model):
+    """Inside, `model`'s trainable weights are its optimizer's moving average of them (Keras' `use_ema`), once
+    the optimizer has taken a step; the raw weights, which training goes on from, are put back on leaving.
+    Without an averaging optimizer, nothing changes."""
+    opt = getattr(model, "optimizer", None)
+    if opt is None or not getattr(opt, "use_ema", False) or int(backend.to_numpy(opt.iterations)) == 0:
+        yield
+        return
+    raw = [backend.to_numpy(v.value) for v in model.trainable_variables]
+    opt.finalize_variable_values(model.trainable_variables)
+    try:
+        yield
+    finally:
+        for v, w in zip(model.trainable_variables, raw):
+            v.assign(w)
+
+
 class Selector:
     """Checkpoint selection on validation: scores the starting weights (epoch 0) and every epoch with
     metrics.selection_scores, keeps the best weights by `monitor` (ties broken by lower loss), and stops after
@@ -68,12 +87,13 @@ class Selector:
         return (primary if np.isfinite(primary) else -np.inf, -s["loss"])
 
     def score(self, epoch: int, model) -> dict:
-        s = metrics.selection_scores(self.y, self.predict_val(), self.positive, self.specificity, self.class_weight)
-        self.history.append({"epoch": epoch, **s})
-        if epoch == 0 and not self.start_is_candidate:
-            return s
-        if self.best_key is None or self.key(s) > self.best_key:
-            self.best_epoch, self.best_key, self.best_weights = epoch, self.key(s), model.get_weights()
+        with averaged_weights(model):
+            s = metrics.selection_scores(self.y, self.predict_val(), self.positive, self.specificity, self.class_weight)
+            self.history.append({"epoch": epoch, **s})
+            if epoch == 0 and not self.start_is_candidate:
+                return s
+            if self.best_key is None or self.key(s) > self.best_key:
+                self.best_epoch, self.best_key, self.best_weights = epoch, self.key(s), model.get_weights()
         return s
 
     def callback(self, model):
@@ -368,7 +388,9 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
                                           sample_weights=_sample_weights(tr.labels, class_weight), augment=on_host), "shuffle": False}
         schedule = keras.optimizers.schedules.CosineDecay(0.0, decay_steps=max(1, total - warmup),
                                                           warmup_target=cfg["learning_rate"], warmup_steps=warmup)
-        trained.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg["weight_decay"]),
+        # a moving average over about `ema_epochs` epochs of steps, whatever the batch and dataset size
+        averaging = {"use_ema": True, "ema_momentum": 1 - 1 / (cfg["ema_epochs"] * steps_per_epoch)} if cfg["ema_epochs"] else {}
+        trained.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg["weight_decay"], **averaging),
                         loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg["label_smoothing"]),
                         **backend.compile_kwargs(runtime))
         selector = Selector(lambda: _predict(trained, val_x, bs, devices.replicas), va.labels, positive,

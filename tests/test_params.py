@@ -71,6 +71,9 @@ def test_round_trip_copy_is_valid(tmp_path, base):
     ("finetune.members", 0, "finetune.members"),
     ("finetune.warmup_epochs", 30, "finetune.warmup_epochs"),  # must be below finetune.epochs (30)
     ("finetune.label_smoothing", 1.0, "finetune.label_smoothing"),
+    ("finetune.ema_epochs", -1, "finetune.ema_epochs"),
+    ("finetune.ema_epochs", 0.01, "finetune.ema_epochs"),
+    ("finetune.ema_epochs", "yes", "finetune.ema_epochs"),
     ("finetune.monitor", "val_loss", "finetune.monitor"),
     ("finetune.monitor_specificity", 0, "finetune.monitor_specificity"),
     ("finetune.temperature_scaling", "yes", "finetune.temperature_scaling"),

@@ -266,6 +266,58 @@ def test_selector_keeps_the_start_unless_an_epoch_beats_it():
     assert sel.restore(holder)["best_epoch"] == 2
 
 
+def test_averaged_weights_are_the_moving_average_and_training_goes_on_from_the_raw_ones():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 4)).astype("float32")
+    onehot = np.eye(3, dtype="float32")[np.arange(32) % 3]
+    m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    start = m.get_weights()
+    with training.averaged_weights(m):  # not compiled: nothing to average
+        assert all((a == b).all() for a, b in zip(m.get_weights(), start))
+    m.compile(optimizer=keras.optimizers.AdamW(0.1, use_ema=True, ema_momentum=0.5), loss="categorical_crossentropy")
+    with training.averaged_weights(m):  # no step taken yet: the weights as they are
+        assert all((a == b).all() for a, b in zip(m.get_weights(), start))
+    raw = []
+    for _ in range(4):
+        m.train_on_batch(x, onehot)
+        raw.append(m.get_weights())
+    expected = raw[0]  # the average starts at the first step's weights, then moves by half towards each new step
+    for w in raw[1:]:
+        expected = [0.5 * e + 0.5 * a for e, a in zip(expected, w)]
+    with training.averaged_weights(m):
+        for a, e in zip(m.get_weights(), expected):
+            np.testing.assert_allclose(a, e, atol=1e-6)
+        assert not np.allclose(m.get_weights()[0], raw[-1][0])
+    for a, b in zip(m.get_weights(), raw[-1]):  # back to the raw weights, which the next step starts from
+        np.testing.assert_array_equal(a, b)
+    # the Selector scores, and keeps, the averaged weights
+    sel = training.Selector(lambda: m.predict(x, verbose=0), np.arange(32) % 3, 0, "loss", 0.95, patience=5)
+    sel.score(1, m)
+    for a, e in zip(sel.best_weights, expected):
+        np.testing.assert_allclose(a, e, atol=1e-6)
+    for a, b in zip(m.get_weights(), raw[-1]):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow  # trains for tens of seconds
+def test_finetune_with_weight_averaging_is_deterministic_and_leaves_training_unchanged(tmp_path):
+    s = _splits()
+    over = {"finetune.unfreeze_from": "block_15", "finetune.views": 1, "finetune.epochs": 3, "finetune.patience": 3,
+            "finetune.learning_rate": 0.01, "finetune.monitor": "loss"}
+    p = _params(**over, **{"finetune.ema_epochs": 1.0})
+    model, _ = training.baseline(p, CLASSES, s, _live(tmp_path / "a"))
+    path = tmp_path / "baseline.keras"
+    training.save(model, path, training.model_info(p, CLASSES, "COVID"))
+    on = [training.finetune(p, CLASSES, s, path, _live(tmp_path / f"on{i}")) for i in range(2)]
+    off = training.finetune(_params(**over, **{"finetune.ema_epochs": 0}), CLASSES, s, path, _live(tmp_path / "off"))
+    for a, b in zip(on[0][0].get_weights(), on[1][0].get_weights()):  # deterministic
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    curve = lambda run, name: np.loadtxt(tmp_path / run / "plots" / "metrics" / name, skiprows=1)[:, 1]  # noqa: E731
+    # the same training steps: the moving average never feeds back into training
+    np.testing.assert_allclose(curve("on0", "train/loss.tsv"), curve("off", "train/loss.tsv"), rtol=1e-5)
+    # (which checkpoint is scored and kept, the average, is test_averaged_weights_are_the_moving_average_...)
+
+
 def test_temperature_scaling_calibrates_and_keeps_the_argmax():
     rng = np.random.default_rng(0)
     z = rng.normal(0, 1.5, (4000, 3))
