@@ -54,8 +54,10 @@ BASELINE_SPECIFICITY = 0.95
 def averaged_weights(model):
     """Inside, `model`'s trainable weights are its optimizer's moving average of them (Keras' `use_ema`), once
     the optimizer has taken a step; the raw weights, which training goes on from, are put back on leaving.
-    Without an averaging optimizer, nothing changes."""
+    Without an averaging optimizer, nothing changes. Under mixed precision Keras wraps the optimizer in a
+    LossScaleOptimizer; the average is the wrapped one's."""
     opt = getattr(model, "optimizer", None)
+    opt = getattr(opt, "inner_optimizer", opt)
     if opt is None or not getattr(opt, "use_ema", False) or int(backend.to_numpy(opt.iterations)) == 0:
         yield
         return

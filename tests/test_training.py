@@ -266,7 +266,9 @@ def test_selector_keeps_the_start_unless_an_epoch_beats_it():
     assert sel.restore(holder)["best_epoch"] == 2
 
 
-def test_averaged_weights_are_the_moving_average_and_training_goes_on_from_the_raw_ones():
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])  # mixed precision wraps the optimizer in a LossScaleOptimizer
+def test_averaged_weights_are_the_moving_average_and_training_goes_on_from_the_raw_ones(policy):
+    keras.mixed_precision.set_global_policy(policy)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32, 4)).astype("float32")
     onehot = np.eye(3, dtype="float32")[np.arange(32) % 3]
@@ -275,6 +277,7 @@ def test_averaged_weights_are_the_moving_average_and_training_goes_on_from_the_r
     with training.averaged_weights(m):  # not compiled: nothing to average
         assert all((a == b).all() for a, b in zip(m.get_weights(), start))
     m.compile(optimizer=keras.optimizers.AdamW(0.1, use_ema=True, ema_momentum=0.5), loss="categorical_crossentropy")
+    assert isinstance(m.optimizer, keras.optimizers.LossScaleOptimizer) == (policy == "mixed_float16")
     with training.averaged_weights(m):  # no step taken yet: the weights as they are
         assert all((a == b).all() for a, b in zip(m.get_weights(), start))
     raw = []
