@@ -50,6 +50,12 @@ def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> dict[int, fl
 BASELINE_SPECIFICITY = 0.95
 
 
+def ema_momentum(epochs: float, steps_per_epoch: int) -> float:
+    """The per-step momentum of a moving average over about `epochs` epochs of steps, whatever the batch and
+    dataset size: 1 - 1/window; 0 (the raw weights) for a window of one step or less."""
+    return max(0.0, 1 - 1 / (epochs * steps_per_epoch))
+
+
 @contextlib.contextmanager
 def averaged_weights(model):
     """Inside, `model`'s trainable weights are its optimizer's moving average of them (Keras' `use_ema`), once
@@ -390,8 +396,7 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
                                           sample_weights=_sample_weights(tr.labels, class_weight), augment=on_host), "shuffle": False}
         schedule = keras.optimizers.schedules.CosineDecay(0.0, decay_steps=max(1, total - warmup),
                                                           warmup_target=cfg["learning_rate"], warmup_steps=warmup)
-        # a moving average over about `ema_epochs` epochs of steps, whatever the batch and dataset size
-        averaging = {"use_ema": True, "ema_momentum": 1 - 1 / (cfg["ema_epochs"] * steps_per_epoch)} if cfg["ema_epochs"] else {}
+        averaging = {"use_ema": True, "ema_momentum": ema_momentum(cfg["ema_epochs"], steps_per_epoch)} if cfg["ema_epochs"] else {}
         trained.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg["weight_decay"], **averaging),
                         loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg["label_smoothing"]),
                         **backend.compile_kwargs(runtime))

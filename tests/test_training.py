@@ -266,6 +266,12 @@ def test_selector_keeps_the_start_unless_an_epoch_beats_it():
     assert sel.restore(holder)["best_epoch"] == 2
 
 
+def test_ema_momentum_spans_the_window_in_epochs_and_is_never_negative():
+    assert training.ema_momentum(2.5, 40) == pytest.approx(0.99)
+    assert training.ema_momentum(2.5, 400) == pytest.approx(0.999)  # ten times the steps per epoch: the same epochs
+    assert training.ema_momentum(0.1, 8) == 0.0  # a window under one step: the raw weights
+
+
 @pytest.mark.parametrize("policy", ["float32", "mixed_float16"])  # mixed precision wraps the optimizer in a LossScaleOptimizer
 def test_averaged_weights_are_the_moving_average_and_training_goes_on_from_the_raw_ones(policy):
     keras.mixed_precision.set_global_policy(policy)
