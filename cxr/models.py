@@ -6,6 +6,10 @@
       -> backbone     (nested keras.applications model; its output is the last 4-D conv feature map)
       -> pool -> dropout -> predictions (softmax, float32)
 
+A fine-tuned ensemble (`ensemble`) keeps that chain: its backbone runs the frozen lower part once and each
+member's top blocks on it, their feature maps side by side, and its `predictions` (MeanOfSoftmaxes) average
+the members' softmaxes.
+
 A plain chain of standard layers: no Lambda, so models load with safe_mode on, and Grad-CAM can split
 the chain at the backbone. Binary tasks use a 2-way softmax so evaluation has one code path.
 """
@@ -279,9 +283,76 @@ def unfreeze_from(model: keras.Model, start: str, freeze_batchnorm: bool = True)
     return count
 
 
+@keras.saving.register_keras_serializable(package="cxr")
+class MeanOfSoftmaxes(keras.layers.Layer):
+    """An ensemble's output layer: `members` softmax classifiers, member i on the i-th of `members` equal slices
+    of its input (the members' pooled features side by side), their class probabilities averaged. Weights:
+    `kernel` (members x F, units), each member's Dense kernel stacked, and `bias` (members, units); dividing
+    both by T tempers every member (scale_logits)."""
+
+    def __init__(self, units: int, members: int, **kwargs):
+        super().__init__(**kwargs)
+        self.units, self.members = int(units), int(members)
+
+    def build(self, input_shape):
+        if input_shape[-1] % self.members:
+            raise ValueError(f"{input_shape[-1]} features do not split into {self.members} members")
+        self.kernel = self.add_weight(shape=(input_shape[-1], self.units), initializer="glorot_uniform", name="kernel")
+        self.bias = self.add_weight(shape=(self.members, self.units), initializer="zeros", name="bias")
+
+    def call(self, x):
+        ops = keras.ops
+        f = self.kernel.shape[0] // self.members
+        x = ops.reshape(ops.cast(x, self.compute_dtype), (-1, self.members, f))
+        z = ops.einsum("bmf,mfk->bmk", x, ops.reshape(self.kernel, (self.members, f, self.units))) + self.bias
+        return ops.mean(ops.softmax(z, axis=-1), axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.units)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "members": self.members}
+
+
+def member_count(model: keras.Model) -> int:
+    """How many fine-tuning runs the model averages (1 for a single model)."""
+    layer = model.get_layer("predictions")
+    return layer.members if isinstance(layer, MeanOfSoftmaxes) else 1
+
+
+def ensemble(model: keras.Model, unfreeze_from: str, members: int, load_member) -> keras.Model:
+    """One model averaging the softmaxes of fine-tuning runs that differ only above `unfreeze_from`: the frozen
+    lower backbone runs once, then each member's copy of the top blocks (layers named member<i>_...), side by
+    side, then pool, dropout and MeanOfSoftmaxes. `load_member(i)` puts member i's weights into `model`. The same
+    raw-pixel input and outer layers as `model`, so evaluation, Grad-CAM and prediction see one ordinary model."""
+    lower, top = split_backbone(model, unfreeze_from)
+    dense = model.get_layer("predictions")
+    net_in = keras.Input(get_backbone(model).input_shape[1:], name="backbone_input")
+    boundary = lower(net_in)
+    outs, kernels, biases = [], [], []
+    for i in range(members):
+        load_member(i)
+        copy = keras.models.clone_model(top, clone_function=lambda layer, i=i: layer.__class__.from_config(
+            {**layer.get_config(), "name": f"member{i}_{layer.name}"}))
+        copy.set_weights(top.get_weights())
+        outs.append(keras.Model(copy.input, copy.output, name=f"member{i}")(boundary))
+        kernel, bias = dense.get_weights()
+        kernels.append(kernel)
+        biases.append(bias)
+    net = keras.Model(net_in, keras.layers.Concatenate(name="members")(outs), name="backbone")
+    inp = keras.Input(model.input_shape[1:], name="image")
+    x = net(before_backbone(model)(inp), training=False)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dropout(model.get_layer("dropout").rate, name="dropout")(x)
+    head = MeanOfSoftmaxes(dense.units, members, dtype="float32", name="predictions")
+    out = head(x)
+    head.set_weights([np.concatenate(kernels), np.stack(biases)])
+    return keras.Model(inp, out, name=model.name)
+
+
 def scale_logits(model: keras.Model, temperature: float) -> None:
-    """Temperature scaling folded into the softmax layer: softmax((Wx + b) / T) == softmax((W/T) x + b/T),
-    so a calibrated model keeps the same layers (and loads anywhere the uncalibrated one did)."""
+    """Temperature scaling folded into the softmax layer: softmax((Wx + b) / T) == softmax((W/T) x + b/T)
+    (for an ensemble, each member's softmax), so a calibrated model keeps the same layers (and loads anywhere the uncalibrated one did)."""
     dense = model.get_layer("predictions")
     dense.set_weights([w / temperature for w in dense.get_weights()])
 

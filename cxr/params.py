@@ -208,6 +208,7 @@ def _validate(p: dict, sources: dict | None) -> None:
     ema = _float(p, "finetune.ema_epochs", 0, 100)
     if 0 < ema < 0.1:
         _fail("finetune.ema_epochs", "0 (off) or at least 0.1 (epochs)", ema)
+    _choice(p, "finetune.select", ("last", "best"))
     _choice(p, "finetune.monitor", ("macro_roc_auc", "sensitivity_at_specificity", "balanced_accuracy", "loss"))
     _float(p, "finetune.monitor_specificity", 0, 1, lo_open=True)
     _bool(p, "finetune.temperature_scaling")

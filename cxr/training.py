@@ -123,6 +123,12 @@ class Selector:
 
         return _Callback()
 
+    def last(self) -> dict:
+        """The summary of the last epoch scored (finetune.select: last), in restore's form."""
+        rounded = lambda s: {f"val_{k}": round(v, 6) for k, v in s.items() if k != "epoch"}  # noqa: E731
+        return {"epochs_run": len(self.history) - 1, "best_epoch": len(self.history) - 1, "monitor": self.monitor,
+                **rounded(self.history[-1]), "start": rounded(self.history[0])}
+
     def restore(self, model) -> dict:
         model.set_weights(self.best_weights)
         if self.best_epoch == 0 and len(self.history) > 1:
@@ -303,6 +309,35 @@ def _greedy_soup(model, runs: list, predict_val) -> dict:
     return summary
 
 
+def _combine_last(trained, runs: list, predict_val, start: list) -> tuple[dict, np.ndarray]:
+    """`finetune.select: last`: every member's final weights, their softmaxes averaged (one member: itself).
+    The guard: when that does not beat the starting model (the baseline) on the monitored validation score,
+    the start is kept. Returns the summary (the first member's, with the combination's validation scores and a
+    `members` record) and the validation probabilities to calibrate: (members, N, k), or (N, k) for one model."""
+    judge = runs[0][2]
+    member_proba = []
+    for _, weights, _ in runs:
+        trained.set_weights(weights)
+        member_proba.append(predict_val())
+    member_proba = np.stack(member_proba)
+    s = metrics.selection_scores(judge.y, member_proba.mean(axis=0), judge.positive, judge.specificity, judge.class_weight)
+    start_scores = judge.history[0]
+    kept = judge.key(s) <= judge.key(start_scores)
+    if kept:
+        log.warning("the fine-tuned model%s did not beat the starting weights on validation %s: keeping them",
+                    "s' ensemble" if len(runs) > 1 else "", judge.monitor)
+        trained.set_weights(start)
+        s, member_proba = {k: v for k, v in start_scores.items() if k != "epoch"}, predict_val()[None]
+    summary = dict(runs[0][0])
+    summary.update({f"val_{k}": round(v, 6) for k, v in s.items()}, start_kept=int(kept))
+    summary["epochs_run"] = sum(r[0]["epochs_run"] for r in runs)
+    summary["best_epoch"] = 0 if kept else summary["best_epoch"]
+    summary["ensemble"] = {"members": 1 if kept else len(runs), "of": len(runs)}
+    summary["members"] = {str(i): {"epoch": r[0]["best_epoch"], f"val_{judge.monitor}": r[0][f"val_{judge.monitor}"]}
+                          for i, r in enumerate(runs)}
+    return summary, member_proba if len(member_proba) > 1 else member_proba[0]
+
+
 def cache_views(model, lower, images, views: int, augment, batch_size: int, desc: str | None = None) -> list[np.ndarray]:
     """The frozen part of `model` run once per view: [un-augmented, augmented 1..views], each float16 (N, ...)
     activations at the input of `lower`'s output boundary, through one compiled inference call
@@ -323,15 +358,23 @@ def cache_views(model, lower, images, views: int, augment, batch_size: int, desc
     return out
 
 
+def tempered(proba: np.ndarray, t: float) -> np.ndarray:
+    """softmax(log p / t), averaged over members when `proba` is (members, N, k): what scale_logits makes of a
+    model (or an ensemble of members) whose probabilities were `proba`."""
+    z = np.log(np.clip(np.asarray(proba, np.float64), 1e-12, 1.0)) / t
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    p = z / z.sum(axis=-1, keepdims=True)
+    return p.mean(axis=0) if p.ndim == 3 else p
+
+
 def fit_temperature(proba: np.ndarray, labels: np.ndarray) -> float:
-    """Temperature T minimising the validation cross-entropy of softmax(log p / T) (Guo et al. 2017): a log grid
-    over [1/4, 4], then refined; 1.0 when no T helps."""
-    logp = np.log(np.clip(np.asarray(proba, np.float64), 1e-12, 1.0))
+    """Temperature T minimising the validation cross-entropy of softmax(log p / T) (Guo et al. 2017), of each
+    member's p averaged when `proba` is (members, N, k): a log grid over [1/4, 4], then refined; 1.0 when no
+    T helps."""
+    rows = np.arange(len(labels))
 
     def nll(t):
-        z = logp / t
-        z = z - z.max(axis=1, keepdims=True)
-        return float(-(z[np.arange(len(labels)), labels] - np.log(np.exp(z).sum(axis=1))).mean())
+        return float(-np.log(np.clip(tempered(proba, t)[rows, labels], 1e-300, 1.0)).mean())
 
     best = min(np.exp(np.linspace(np.log(0.25), np.log(4.0), 81)), key=nll)
     best = float(min(np.linspace(best / 1.04, best * 1.04, 21), key=nll))
@@ -400,27 +443,44 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
         trained.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg["weight_decay"], **averaging),
                         loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg["label_smoothing"]),
                         **backend.compile_kwargs(runtime))
+        # select: last runs every epoch (the schedule's end is kept); the Selector still scores each one for the curves
+        patience = cfg["patience"] if cfg["select"] == "best" else cfg["epochs"] + 1
         selector = Selector(lambda: _predict(trained, val_x, bs, devices.replicas), va.labels, positive,
-                            cfg["monitor"], cfg["monitor_specificity"], cfg["patience"], class_weight=class_weight)
+                            cfg["monitor"], cfg["monitor_specificity"], patience, class_weight=class_weight)
         callbacks = [selector.callback(trained)] + ([backend.live_callback(live)] if member == 0 else [])
         callbacks.append(progress_callback(cfg["epochs"], f"member {member + 1} of {cfg['members']}" if cfg["members"] > 1 else "fine-tuning",
                                            "epoch", ("loss", "val_loss", f"val_{cfg['monitor']}")))
         trained.fit(**fit_data, epochs=cfg["epochs"], callbacks=callbacks, verbose=0)
-        runs.append((selector.restore(trained), trained.get_weights(), selector))
+        if cfg["select"] == "best":
+            runs.append((selector.restore(trained), trained.get_weights(), selector))
+        else:
+            with averaged_weights(trained):  # with finetune.ema_epochs, the average is what was scored
+                runs.append((selector.last(), trained.get_weights(), selector))
         if cfg["members"] > 1:
             log.info("member %d (seed %d): epoch %d of %d, validation %s %.4f", member, seed, runs[-1][0]["best_epoch"],
                      runs[-1][0]["epochs_run"], cfg["monitor"], runs[-1][0][f"val_{cfg['monitor']}"])
     seconds = time.perf_counter() - t1
-    summary = runs[0][0] if len(runs) == 1 else _greedy_soup(trained, runs, lambda: _predict(trained, val_x, bs, devices.replicas))
+    predict_val = lambda: _predict(trained, val_x, bs, devices.replicas).astype(np.float64)  # noqa: E731
+    if cfg["select"] == "best":
+        summary = runs[0][0] if len(runs) == 1 else _greedy_soup(trained, runs, predict_val)
+        val_proba = predict_val()
+    else:
+        summary, val_proba = _combine_last(trained, runs, predict_val, start)
+        if summary["start_kept"]:
+            trained.set_weights(start)
+        elif len(runs) > 1:
+            with devices.scope():
+                model = models.ensemble(model, cfg["unfreeze_from"], len(runs), lambda i: trained.set_weights(runs[i][1]))
+        else:
+            trained.set_weights(runs[0][1])
     epochs = sum(r[0]["epochs_run"] for r in runs)
     summary.update(trainable_layers=n, cache_seconds=cache_s, seconds_per_epoch=seconds / max(1, epochs))
     if cfg["temperature_scaling"]:
-        proba = _predict(trained, val_x, bs, devices.replicas).astype(np.float64)
-        t = fit_temperature(proba, va.labels)
+        t = fit_temperature(val_proba, va.labels)
         models.scale_logits(model, t)
-        after = _predict(trained, val_x, bs, devices.replicas).astype(np.float64)
+        before, after = tempered(val_proba, 1.0), tempered(val_proba, t)
         summary["temperature"] = {"value": round(t, 4),
-                                  "val_ece_before": round(metrics.expected_calibration_error(va.labels, proba), 4),
+                                  "val_ece_before": round(metrics.expected_calibration_error(va.labels, before), 4),
                                   "val_ece_after": round(metrics.expected_calibration_error(va.labels, after), 4)}
         log.info("temperature scaling on validation: T=%.3f, ECE %.4f -> %.4f", t,
                  summary["temperature"]["val_ece_before"], summary["temperature"]["val_ece_after"])

@@ -68,6 +68,7 @@ def test_round_trip_copy_is_valid(tmp_path, base):
     ("finetune.unfreeze_from", 30, "finetune.unfreeze_from"),
     ("finetune.unfreeze_from", "", "finetune.unfreeze_from"),
     ("finetune.views", -1, "finetune.views"),
+    ("finetune.select", "first", "finetune.select"),
     ("finetune.members", 0, "finetune.members"),
     ("finetune.warmup_epochs", 30, "finetune.warmup_epochs"),  # must be below finetune.epochs (30)
     ("finetune.label_smoothing", 1.0, "finetune.label_smoothing"),

@@ -213,18 +213,109 @@ def test_greedy_soup_averages_the_members_that_help_and_leaves_out_a_bad_one():
 
 
 @pytest.mark.slow  # trains for tens of seconds
-def test_finetune_members_share_the_cache_and_are_deterministic(tmp_path):
+@pytest.mark.parametrize("select", ["best", "last"])
+def test_finetune_members_share_the_cache_and_are_deterministic(tmp_path, select):
     s = _splits()
-    p = _params(**{"finetune.unfreeze_from": "block_15", "finetune.views": 1, "finetune.members": 2})
+    p = _params(**{"finetune.unfreeze_from": "block_15", "finetune.views": 1, "finetune.members": 2, "finetune.select": select,
+                   "finetune.epochs": 3, "finetune.patience": 1})
     model, _ = training.baseline(p, CLASSES, s, _live(tmp_path / "a"))
     path = tmp_path / "baseline.keras"
     training.save(model, path, training.model_info(p, CLASSES, "COVID"))
     runs = [training.finetune(p, CLASSES, s, path, _live(tmp_path / f"b{i}")) for i in range(2)]
     summary = runs[0][1]
-    assert summary["soup"]["of"] == 2 and 1 <= summary["soup"]["members"] <= 2
-    assert set(summary["members"]) == {"0", "1"} and summary["epochs_run"] == 2 * 2  # epochs: 2 per member
+    assert set(summary["members"]) == {"0", "1"}
+    if select == "best":
+        assert summary["soup"]["of"] == 2 and 1 <= summary["soup"]["members"] <= 2
+        assert summary["epochs_run"] <= 2 * 3
+    else:  # every member runs to the schedule's end (patience does not stop it) and is kept, unless the guard steps in
+        assert summary["epochs_run"] == 2 * 3 and [m["epoch"] for m in summary["members"].values()] == [3, 3]
+        assert summary["ensemble"] == {"members": 1 if summary["start_kept"] else 2, "of": 2}
+        assert models.member_count(runs[0][0]) == summary["ensemble"]["members"]
     for a, b in zip(runs[0][0].get_weights(), runs[1][0].get_weights()):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def _recalibrate_batchnorm(model, x):
+    """Set every backbone BatchNorm's statistics to its input's on `x`, layer by layer, so that an untrained
+    backbone's activations stay O(1) instead of vanishing (and its outputs depend on the image)."""
+    net = models.get_backbone(model)
+    pre = np.asarray(models.before_backbone(model)(x))
+    for layer in net.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            a = np.asarray(keras.Model(net.input, layer.input)(pre))
+            gamma, beta, _, _ = layer.get_weights()
+            layer.set_weights([gamma, beta, a.mean(axis=(0, 1, 2)), a.var(axis=(0, 1, 2)) + 1e-3])
+
+
+def _members(model, unfreeze_from, n, seed=0):
+    """n members: `model` with its top blocks' (from unfreeze_from) and its head's weights perturbed (BatchNorm
+    statistics kept), each as (variables, values)."""
+    rng = np.random.default_rng(seed)
+    _, top = models.split_backbone(model, unfreeze_from)
+    parts = top.weights + model.get_layer("predictions").weights
+    start = [w.numpy() for w in parts]
+    out = []
+    for _ in range(n):
+        out.append([w if "moving" in v.path else w + rng.normal(0, np.std(w) + 0.01, w.shape).astype(w.dtype)
+                    for v, w in zip(parts, start)])
+        out[-1][-2] *= 0.1  # the head's kernel: logits of order 1, not saturated softmaxes
+    return parts, out
+
+
+def test_ensemble_is_the_mean_of_the_members_softmaxes_and_one_ordinary_model(tmp_path):
+    from cxr import gradcam
+
+    keras.utils.set_random_seed(0)
+    m = models.build("mobilenetv2", 3, 64, "none", alpha=0.35)
+    x = np.random.default_rng(1).integers(0, 256, (5, 64, 64, 1)).astype("float32")
+    _recalibrate_batchnorm(m, x)
+    parts, members = _members(m, "block_14", 3)
+
+    def load(i):
+        for v, w in zip(parts, members[i]):
+            v.assign(w)
+
+    expected = []
+    for i in range(3):
+        load(i)
+        expected.append(m.predict(x, verbose=0))
+    ens = models.ensemble(m, "block_14", 3, load)
+    assert models.member_count(ens) == 3 and models.member_count(m) == 1
+    assert [layer.name for layer in models.outer_layers(ens)[1]] == ["pool", "dropout", "predictions"]
+    got = ens.predict(x, verbose=0)
+    np.testing.assert_allclose(got, np.mean(expected, axis=0), atol=1e-5)
+    assert np.abs(expected[0] - expected[1]).max() > 0.05  # the members really differ
+    assert np.abs(expected[0][0] - expected[0][1]).max() > 0.01  # and see their images
+    load(0)
+    head_only = [v.numpy() for v in m.get_layer("predictions").weights]
+    for v, w in zip(parts, members[1]):
+        v.assign(w)
+    for v, w in zip(m.get_layer("predictions").weights, head_only):
+        v.assign(w)
+    assert np.abs(m.predict(x, verbose=0) - expected[0]).max() > 0.01  # the top blocks alone change the output
+    # saved and loaded with safe_mode on, it predicts the same
+    ens.save(tmp_path / "e.keras")
+    again = models.load(tmp_path / "e.keras")
+    np.testing.assert_allclose(again.predict(x, verbose=0), got, atol=1e-6)
+    # temperature scaling tempers every member: what fit_temperature's (members, N, k) form assumes
+    models.scale_logits(again, 2.0)
+    np.testing.assert_allclose(again.predict(x, verbose=0), training.tempered(np.stack(expected), 2.0), atol=1e-5)
+    # Grad-CAM explains it through the members' feature maps side by side
+    layer, explain = gradcam.explainer(again, min_side=2)  # 2x2 maps at 64 px (7x7 at 224)
+    cams = gradcam.heatmaps(again, x[..., 0].astype(np.uint8), got.argmax(axis=1), explain=explain)
+    assert layer == "members" and cams.shape == (5, 64, 64) and np.isfinite(cams).all() and cams.max() <= 1
+
+
+def test_fit_temperature_of_an_ensemble_calibrates_the_average():
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 1.5, (3000, 3))
+    y = np.array([rng.choice(3, p=row) for row in np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)])
+    members = np.stack([training.tempered(np.exp(3 * (z + rng.normal(0, 0.1, z.shape))), 1.0) for _ in range(3)])
+    t = training.fit_temperature(members, y)  # over-confident members: T > 1, less than 3 as averaging softens them
+    nll = lambda p: -np.log(p[np.arange(len(y)), y]).mean()  # noqa: E731
+    assert 1.3 < t < 3.4 and nll(training.tempered(members, t)) < nll(members.mean(axis=0)) - 0.05
+    assert nll(training.tempered(members, t)) <= min(nll(training.tempered(members, t * 1.1)), nll(training.tempered(members, t / 1.1)))
+    assert training.tempered(members[:1], 1.0) == pytest.approx(members[0], abs=1e-9)
 
 
 def test_selector_keeps_the_start_unless_an_epoch_beats_it():
