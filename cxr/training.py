@@ -123,19 +123,25 @@ class Selector:
 
         return _Callback()
 
+    def summary(self, epoch: int) -> dict:
+        """Epochs run, `epoch` as the one kept, and its and the start's validation scores."""
+        return {"epochs_run": len(self.history) - 1, "best_epoch": epoch, "monitor": self.monitor,
+                **_rounded(self.history[epoch]), "start": _rounded(self.history[0])}
+
     def last(self) -> dict:
-        """The summary of the last epoch scored (finetune.select: last), in restore's form."""
-        rounded = lambda s: {f"val_{k}": round(v, 6) for k, v in s.items() if k != "epoch"}  # noqa: E731
-        return {"epochs_run": len(self.history) - 1, "best_epoch": len(self.history) - 1, "monitor": self.monitor,
-                **rounded(self.history[-1]), "start": rounded(self.history[0])}
+        """The summary of the last epoch scored (finetune.select: last)."""
+        return self.summary(len(self.history) - 1)
 
     def restore(self, model) -> dict:
         model.set_weights(self.best_weights)
         if self.best_epoch == 0 and len(self.history) > 1:
             log.warning("no epoch beat the starting weights on validation %s: keeping them", self.monitor)
-        rounded = lambda s: {f"val_{k}": round(v, 6) for k, v in s.items() if k != "epoch"}  # noqa: E731
-        return {"epochs_run": len(self.history) - 1, "best_epoch": self.best_epoch, "monitor": self.monitor,
-                **rounded(self.history[self.best_epoch]), "start": rounded(self.history[0])}
+        return self.summary(self.best_epoch)
+
+
+def _rounded(scores: dict) -> dict:
+    """Validation scores as a summary shows them: val_<name>, 6 decimals."""
+    return {f"val_{k}": round(v, 6) for k, v in scores.items() if k != "epoch"}
 
 
 def progress_callback(total: int, desc: str, unit: str, shown: tuple[str, ...] = ()):
@@ -300,20 +306,26 @@ def _greedy_soup(model, runs: list, predict_val) -> dict:
             soup, best_key, best_scores = trial, judge.key(s), s
     model.set_weights(average(soup))
     log.info("greedy soup of members %s (of %d): validation %s %.4f", sorted(soup), len(runs), judge.monitor, best_scores[judge.monitor])
-    summary = dict(runs[0][0])
-    summary.update({f"val_{k}": round(v, 6) for k, v in best_scores.items()})
-    summary["epochs_run"] = sum(r[0]["epochs_run"] for r in runs)
-    summary["soup"] = {"members": len(soup), "of": len(runs)}
-    summary["members"] = {str(i): {"epoch": r[0]["best_epoch"], f"val_{judge.monitor}": r[0][f"val_{judge.monitor}"],
-                                   "in_soup": int(i in soup)} for i, r in enumerate(runs)}
+    return _combined_summary(runs, best_scores, {"soup": {"members": len(soup), "of": len(runs)}}, lambda i: {"in_soup": int(i in soup)})
+
+
+def _combined_summary(runs: list, scores: dict, extra: dict, member_extra=lambda i: {}) -> dict:
+    """The summary of runs combined into one model: the first run's, with the combination's validation
+    `scores`, the epochs of all runs, `extra`, and a `members` record (each run's kept epoch and monitored
+    score, and `member_extra(i)`)."""
+    monitor = runs[0][2].monitor
+    summary = {**runs[0][0], **_rounded(scores), "epochs_run": sum(r[0]["epochs_run"] for r in runs), **extra}
+    summary["members"] = {str(i): {"epoch": r[0]["best_epoch"], f"val_{monitor}": r[0][f"val_{monitor}"], **member_extra(i)}
+                          for i, r in enumerate(runs)}
     return summary
 
 
 def _combine_last(trained, runs: list, predict_val, start: list) -> tuple[dict, np.ndarray]:
     """`finetune.select: last`: every member's final weights, their softmaxes averaged (one member: itself).
     The guard: when that does not beat the starting model (the baseline) on the monitored validation score,
-    the start is kept. Returns the summary (the first member's, with the combination's validation scores and a
-    `members` record) and the validation probabilities to calibrate: (members, N, k), or (N, k) for one model."""
+    the start is kept. Leaves `trained` holding the start or, with one member, that member. Returns the summary
+    (_combined_summary, `start_kept`, `ensemble`) and the validation probabilities to calibrate: (members, N, k),
+    or (N, k) for one model."""
     judge = runs[0][2]
     member_proba = []
     for _, weights, _ in runs:
@@ -327,14 +339,9 @@ def _combine_last(trained, runs: list, predict_val, start: list) -> tuple[dict, 
         log.warning("the fine-tuned model%s did not beat the starting weights on validation %s: keeping them",
                     "s' ensemble" if len(runs) > 1 else "", judge.monitor)
         trained.set_weights(start)
-        s, member_proba = {k: v for k, v in start_scores.items() if k != "epoch"}, predict_val()[None]
-    summary = dict(runs[0][0])
-    summary.update({f"val_{k}": round(v, 6) for k, v in s.items()}, start_kept=int(kept))
-    summary["epochs_run"] = sum(r[0]["epochs_run"] for r in runs)
+        s, member_proba = start_scores, predict_val()[None]
+    summary = _combined_summary(runs, s, {"start_kept": int(kept), "ensemble": {"members": 1 if kept else len(runs), "of": len(runs)}})
     summary["best_epoch"] = 0 if kept else summary["best_epoch"]
-    summary["ensemble"] = {"members": 1 if kept else len(runs), "of": len(runs)}
-    summary["members"] = {str(i): {"epoch": r[0]["best_epoch"], f"val_{judge.monitor}": r[0][f"val_{judge.monitor}"]}
-                          for i, r in enumerate(runs)}
     return summary, member_proba if len(member_proba) > 1 else member_proba[0]
 
 
@@ -466,15 +473,10 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
         val_proba = predict_val()
     else:
         summary, val_proba = _combine_last(trained, runs, predict_val, start)
-        if summary["start_kept"]:
-            trained.set_weights(start)
-        elif len(runs) > 1:
+        if summary["ensemble"]["members"] > 1:
             with devices.scope():
                 model = models.ensemble(model, cfg["unfreeze_from"], len(runs), lambda i: trained.set_weights(runs[i][1]))
-        else:
-            trained.set_weights(runs[0][1])
-    epochs = sum(r[0]["epochs_run"] for r in runs)
-    summary.update(trainable_layers=n, cache_seconds=cache_s, seconds_per_epoch=seconds / max(1, epochs))
+    summary.update(trainable_layers=n, cache_seconds=cache_s, seconds_per_epoch=seconds / max(1, summary["epochs_run"]))
     if cfg["temperature_scaling"]:
         t = fit_temperature(val_proba, va.labels)
         models.scale_logits(model, t)
