@@ -27,7 +27,6 @@ from cxr import quiet  # noqa: E402
 
 quiet.tensorflow()
 import numpy as np  # noqa: E402
-from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from cxr import data, metrics, models, params, paths, training  # noqa: E402
 
@@ -89,37 +88,41 @@ class Soups:
         return self.memo[key]
 
 
-def compare(rec: dict, soups, halvings: int, seed: int = 0, patience: int = 10) -> dict:
-    proba, y, positive = rec["proba"], rec["y"], rec["positive"]
+class _NoWeights:
+    """What the Selector keeps when it only scores recorded predictions."""
+
+    def get_weights(self):
+        return None
+
+
+_NO_WEIGHTS = _NoWeights()
+
+
+def compare(rec: dict, soups, halvings: int, monitor: str, patience: int, seed: int = 0) -> dict:
+    proba, y, positive, cw = rec["proba"], rec["y"], rec["positive"], rec["class_weight"]
     k, runs, last = proba[0].shape[2], len(proba), min(r.shape[0] for r in proba) - 1
-    cw = rec["class_weight"] or {c: 1.0 for c in range(k)}
-    w_all = np.array([cw[int(c)] for c in y])
+    judge = training.Selector(None, None, positive, monitor, 0.95, patience)  # the stage's key: monitor, then loss
 
-    def scores(idx, pr):
-        yy, pp, w = y[idx], pr[idx], w_all[idx]
-        nll = -np.log(np.clip(pp[np.arange(len(yy)), yy], 1e-7, 1))
-        sens = metrics.sensitivity_at_specificity(yy == positive, pp[:, positive], 0.95)
-        return {"auc": roc_auc_score(yy, pp, multi_class="ovr", average="macro") if k > 2 else roc_auc_score(yy == positive, pp[:, positive]),
-                "sens95": np.nan if sens is None else sens, "loss": float((w * nll).sum() / w.sum())}
+    def scores(idx, pr):  # what the stage scores on validation, on the images `idx` only
+        return metrics.selection_scores(y[idx], pr[idx], positive, 0.95, cw)
 
-    def checkpoint(m, idx):  # the Selector's choice on `idx`: best macro AUC, ties to lower loss, with patience
-        best = bkey = None
+    def checkpoint(m, idx):  # the stage's own Selector, choosing on `idx` alone: (epoch, its key)
+        epochs = iter(proba[m])
+        sel = training.Selector(lambda: next(epochs)[idx], y[idx], positive, monitor, 0.95, patience, class_weight=cw)
         for e in range(proba[m].shape[0]):
-            s = scores(idx, proba[m][e])
-            if bkey is None or (s["auc"], -s["loss"]) > bkey:
-                best, bkey = e, (s["auc"], -s["loss"])
-            if e - best >= patience:
+            sel.score(e, _NO_WEIGHTS)
+            if e - sel.best_epoch >= patience:
                 break
-        return best, bkey
+        return sel.best_epoch, sel.best_key
 
-    def greedy(idx, chosen, combine):
+    def greedy(idx, chosen, combine):  # _greedy_soup's choice on `idx`, on memoised soup predictions
         order = sorted(range(runs), key=lambda m: chosen[m][1], reverse=True)
         kept, best = [order[0]], None
         for m in order:
             trial = kept if m == order[0] else kept + [m]
-            s = scores(idx, combine([(i, chosen[i][0]) for i in trial]))
-            if best is None or (s["auc"], -s["loss"]) >= best:
-                kept, best = trial, (s["auc"], -s["loss"])
+            key = judge.key(scores(idx, combine([(i, chosen[i][0]) for i in trial])))
+            if best is None or key >= best:
+                kept, best = trial, key
         return combine([(i, chosen[i][0]) for i in kept])
 
     mean_softmax = lambda ck: np.mean([proba[m][e] for m, e in ck], axis=0)  # noqa: E731
@@ -140,9 +143,10 @@ def compare(rec: dict, soups, halvings: int, seed: int = 0, patience: int = 10) 
             for name, f in procs.items():
                 rows[name].append(scores(score, f(choose)))
     everything = np.arange(len(y))
-    return {name: {"held_out": {m: float(np.nanmean([r[m] for r in rs])) for m in ("auc", "sens95", "loss")},
-                   "wins": float(np.mean([r["auc"] > c["auc"] for r, c in zip(rs, rows[next(iter(procs))])])),
-                   "chosen_and_scored_on_all": scores(everything, procs[name](everything))["auc"]}
+    shown = {"auc": "macro_roc_auc", "sens95": "sensitivity_at_specificity", "loss": "loss"}
+    return {name: {"held_out": {m: float(np.nanmean([r[key] for r in rs])) for m, key in shown.items()},
+                   "wins": float(np.mean([r["macro_roc_auc"] > c["macro_roc_auc"] for r, c in zip(rs, rows[next(iter(procs))])])),
+                   "chosen_and_scored_on_all": scores(everything, procs[name](everything))["macro_roc_auc"]}
             for name, rs in rows.items()}
 
 
@@ -164,7 +168,7 @@ def main() -> None:
                 rec = pickle.load(f)
         else:
             rec = record(p, out)
-        result = compare(rec, Soups(p, out), args.halvings)
+        result = compare(rec, Soups(p, out), args.halvings, p["finetune"]["monitor"], p["finetune"]["patience"])
     print(f"{len(rec['proba'])} runs x {rec['proba'][0].shape[0] - 1} epochs, {len(rec['y'])} validation images, "
           f"{args.halvings} halvings x 2: one half chooses, the other scores")
     print(f"{'what is kept':48s} {'AUC':>7s} {'sens@.95':>8s} {'loss':>7s} {'wins':>5s} {'AUC, chosen on all':>19s}")
