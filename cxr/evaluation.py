@@ -5,6 +5,7 @@ Metrics come with bootstrap CIs; the operating point is chosen on validation and
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from pathlib import Path
@@ -24,9 +25,21 @@ def _decision_point(y_pos: np.ndarray, called: np.ndarray) -> dict:
     return op
 
 
-def choose_threshold(y_pos: np.ndarray, score: np.ndarray, by: str, target: float) -> float:
-    """The triage threshold on validation: the highest one whose sensitivity reaches `target` (by sensitivity),
-    or the lowest one whose specificity does (by specificity)."""
+def choose_threshold(y_pos: np.ndarray, score: np.ndarray, by: str, target: float, rule: str = "validation") -> float:
+    """The triage threshold on validation. rule `validation`: the highest one whose sensitivity on these cases
+    reaches `target` (by sensitivity), or the lowest one whose specificity does (by specificity). rule
+    `conformal`: the same, but reaching `target` on average on new cases (metrics.conformal_threshold), which
+    leaves one or two validation cases more on the safe side; with too few cases for that, a warning and the
+    strictest threshold that still misses none of them."""
+    if rule == "conformal":
+        threshold, reachable = metrics.conformal_threshold(y_pos, score, by, target)
+        if not reachable:
+            kind = "positive" if by == "sensitivity" else "negative"
+            n = int(np.sum(np.asarray(y_pos, bool) == (by == "sensitivity")))
+            warnings.warn(f"the validation split has {n} {kind} cases: {by} {target:g} on new cases needs at least "
+                          f"{math.ceil(target / (1 - target) - 1e-9)}; the triage threshold misses none of them "
+                          f"({by} {1 - 1 / (n + 1):.3f} on average on new cases)")
+        return threshold
     if by == "sensitivity":
         return metrics.threshold_for_sensitivity(y_pos, score, target)
     return metrics.threshold_for_specificity(np.asarray(score)[~np.asarray(y_pos, bool)], target)
@@ -50,7 +63,7 @@ def evaluate(proba: dict[str, np.ndarray], labels: dict[str, np.ndarray], classe
     val_y, test_y = labels["val"] == pos, labels["test"] == pos
     op = cfg["operating_point"]
     try:
-        threshold = choose_threshold(val_y, proba["val"][:, pos], op["by"], op["target"])
+        threshold = choose_threshold(val_y, proba["val"][:, pos], op["by"], op["target"], op["rule"])
     except ValueError:
         warnings.warn(f"the validation split lacks {positive} cases or other cases: triage threshold falls back to 0.5")
         threshold = 0.5
@@ -77,7 +90,10 @@ def evaluate(proba: dict[str, np.ndarray], labels: dict[str, np.ndarray], classe
             "class": positive,
             "by": op["by"],
             "target": op["target"],
+            "rule": op["rule"],
             "threshold": round(threshold, 6),
+            # the `by` rate this threshold reaches on average on new cases like the validation ones (conformal)
+            "expected": {op["by"]: metrics.new_case_rate(val_y, proba["val"][:, pos], threshold, op["by"])},
             "val": metrics.operating_point(val_y, proba["val"][:, pos], threshold),
             "test": metrics.operating_point(test_y, proba["test"][:, pos], threshold),
             "test_argmax": _decision_point(test_y, proba["test"].argmax(axis=1) == pos),
@@ -194,7 +210,7 @@ def run(classes: list[str], positive: str, cfg: dict, models_to_evaluate: dict[s
         atomic.write_json(paths.METRICS / "evaluate" / f"{name}.json", head if name == "finetuned" else {name: head})
         atomic.write_json(paths.REPORTS / "evaluate" / f"{name}.json", result)
         op = cfg["operating_point"]
-        modelinfo.write_operating_point(path, positive, threshold, op["by"], op["target"])
+        modelinfo.write_operating_point(path, positive, threshold, op["by"], op["target"], op["rule"])
         if name == "finetuned":  # at the operating point as predict reads it back, so both tables agree
             saved = modelinfo.read_operating_point(path, classes)
             atomic.write_csv(paths.TEST_PREDICTIONS, prediction_table(splits["test"], proba["test"], classes, saved))

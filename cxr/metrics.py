@@ -217,6 +217,47 @@ def threshold_for_specificity(y_neg_score: np.ndarray, target: float) -> float:
     return float(np.nextafter(neg[allowed], math.inf))  # just above the first negative that must not be called
 
 
+def conformal_allowance(n: int, target: float) -> int:
+    """How many of n validation cases of one kind a threshold may put on the wrong side so that its rate
+    (sensitivity for positives, specificity for negatives) still reaches `target` on average on new cases from
+    the same source: m with (m + 1) / (n + 1) <= 1 - target (split-conformal; see new_case_rate). -1 when even
+    m = 0 is too many: n is below target / (1 - target)."""
+    return int(math.floor((1.0 - target) * (n + 1) + 1e-9)) - 1
+
+
+def conformal_threshold(y_pos: np.ndarray, score: np.ndarray, by: str, target: float) -> tuple[float, bool]:
+    """The threshold on the positive class's score whose `by` rate (sensitivity or specificity) reaches
+    `target` on average on new cases, not just on these validation cases: by sensitivity, the highest one that
+    misses at most conformal_allowance(n_positives) of them; by specificity, the lowest one that calls at most
+    conformal_allowance(n_negatives) negatives. Returns (threshold, reachable): when there are too few cases for
+    the target (allowance -1), the strictest threshold that misses none of them, and False."""
+    y = np.asarray(y_pos, dtype=bool)
+    score = np.asarray(score, dtype=float)
+    cases = score[y] if by == "sensitivity" else score[~y]
+    if len(cases) == 0:
+        raise ValueError(f"conformal_threshold: no {'positive' if by == 'sensitivity' else 'negative'} samples, {by} is undefined")
+    allowed = conformal_allowance(len(cases), target)
+    m = max(allowed, 0)
+    if by == "sensitivity":
+        return float(np.sort(cases)[m]), allowed >= 0  # m positives lie below it (more with ties at it: none are)
+    neg = np.sort(cases)[::-1]
+    return float(np.nextafter(neg[m], math.inf)), allowed >= 0  # just above the first negative that must not be called
+
+
+def new_case_rate(y_pos: np.ndarray, score: np.ndarray, threshold: float, by: str) -> float | None:
+    """The `by` rate (sensitivity or specificity) that `threshold`, chosen on these validation cases, reaches
+    on average on a new case from the same source: 1 - (m + 1) / (n + 1), where m of the n validation cases of
+    that kind fall on the wrong side. By exchangeability (split-conformal), a new case is equally likely to rank
+    anywhere among the n + 1, so the expectation over validation draws is exact for untied scores and a lower
+    bound otherwise. None without such cases."""
+    y = np.asarray(y_pos, dtype=bool)
+    score = np.asarray(score, dtype=float)
+    wrong = (score[y] < threshold) if by == "sensitivity" else (score[~y] >= threshold)
+    if len(wrong) == 0:
+        return None
+    return 1.0 - (int(wrong.sum()) + 1) / (len(wrong) + 1)
+
+
 def sensitivity_at_specificity(y_pos: np.ndarray, score: np.ndarray, specificity: float) -> float | None:
     """Best sensitivity of any threshold whose specificity is >= `specificity` (a point read off the ROC curve)."""
     y = np.asarray(y_pos, dtype=bool)

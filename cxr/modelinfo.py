@@ -114,9 +114,9 @@ def operating_point_path(model_path: Path) -> Path:
     return paths.sidecar(Path(model_path), "operating_point")
 
 
-def write_operating_point(model_path: Path, positive: str, threshold: float, by: str, target: float) -> None:
+def write_operating_point(model_path: Path, positive: str, threshold: float, by: str, target: float, rule: str | None = None) -> None:
     """The triage threshold chosen by evaluate, beside its model, for `predict`."""
-    atomic.write_json(operating_point_path(model_path), {"class": positive, "threshold": threshold, "by": by, "target": target})
+    atomic.write_json(operating_point_path(model_path), {"class": positive, "threshold": threshold, "by": by, "target": target, "rule": rule})
 
 
 def read_operating_point(model_path: Path, classes: list[str]) -> dict | None:
@@ -127,7 +127,7 @@ def read_operating_point(model_path: Path, classes: list[str]) -> dict | None:
         return None
     try:
         op = json.loads(p.read_text(encoding="utf-8"))
-        op = {"class": op["class"], "threshold": op["threshold"], "by": op.get("by"), "target": op.get("target")}
+        op = {"class": op["class"], "threshold": op["threshold"], "by": op.get("by"), "target": op.get("target"), "rule": op.get("rule")}
     except Exception as err:
         raise UserError(f"{p} is not a valid operating point file ({type(err).__name__}: {err})") from None
     t = op["threshold"]
@@ -149,5 +149,6 @@ def triage_rule(operating_point: dict) -> str:
     positive class's probability (positive_p) and how evaluate chose it on the validation split."""
     rule = f"{operating_point['class']} suspected when positive_p >= {operating_point['threshold']:.6g}"
     if operating_point.get("by") and operating_point.get("target") is not None:
-        rule += f" (threshold chosen on the validation split for {operating_point['by']} {operating_point['target']:g})"
+        on = " on new cases (conformal)" if operating_point.get("rule") == "conformal" else ""
+        rule += f" (threshold chosen on the validation split for {operating_point['by']} {operating_point['target']:g}{on})"
     return rule

@@ -215,6 +215,7 @@ def _validate(p: dict, sources: dict | None) -> None:
 
     _choice(p, "evaluate.operating_point.by", ("sensitivity", "specificity"))
     _float(p, "evaluate.operating_point.target", 0, 1, lo_open=True)
+    _choice(p, "evaluate.operating_point.rule", ("conformal", "validation"))
     for kind in ("sensitivity_at_specificity", "specificity_at_sensitivity"):
         rates = _get(p, f"evaluate.{kind}")
         if not isinstance(rates, list) or len(set(map(str, rates))) != len(rates):

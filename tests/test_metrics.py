@@ -333,3 +333,52 @@ def test_calibration_bins_count_every_image_and_match_sklearn():
         assert b["count"] == len(members) and b["prob_pred"] == pytest.approx(members.mean(), abs=1e-5)
     # empty bins are left out, as sklearn leaves them out
     assert len(calibration_bins(np.array([0, 1]), np.array([0.05, 0.95]), 10)) == 2
+
+
+def test_conformal_allowance():
+    # (m + 1) / (n + 1) <= 1 - target: the largest m
+    assert m.conformal_allowance(89, 0.95) == 3      # 4/90 = 0.044; the validation rule would allow 4 (5/90 = 0.056)
+    assert m.conformal_allowance(19, 0.95) == 0      # 1/20 = 0.05 exactly
+    assert m.conformal_allowance(18, 0.95) == -1     # too few cases: even none missed gives 1/19 > 0.05
+    assert m.conformal_allowance(180, 0.98) == 2     # 3/181 = 0.0166 <= 0.02 < 4/181
+
+
+@pytest.mark.parametrize("by, n, wrong_side", [("sensitivity", 89, lambda s, t: s < t), ("specificity", 110, lambda s, t: s >= t)])
+def test_conformal_threshold_reaches_the_target_on_new_cases_where_validation_s_does_not(by, n, wrong_side):
+    """Scores of the cases that matter are uniform on (0, 1), so a threshold's true rate on new cases is known
+    exactly (sensitivity 1 - t, specificity t). Over many validation draws, the conformal threshold reaches the
+    target on average; the threshold that just reaches it on the validation cases falls short (0.944 and 0.946)."""
+    from cxr import evaluation
+
+    rng = np.random.default_rng(0)
+    target, true_rate = 0.95, (lambda t: 1 - t) if by == "sensitivity" else (lambda t: t)
+    y = np.arange(n + 40) < n if by == "sensitivity" else np.arange(n + 40) >= n   # the other kind: 40 cases
+    rates = {"conformal": [], "validation": []}
+    for _ in range(4000):
+        score = rng.random(len(y))
+        for rule in rates:
+            t = evaluation.choose_threshold(y, score, by, target, rule)
+            rates[rule].append(true_rate(t))
+            cases = score[y] if by == "sensitivity" else score[~y]
+            if rule == "conformal":
+                assert wrong_side(cases, t).sum() == m.conformal_allowance(n, target)
+                assert m.new_case_rate(y, score, t, by) >= target
+    assert np.mean(rates["conformal"]) >= target + 0.003
+    assert np.mean(rates["validation"]) <= target - 0.003
+    # new_case_rate is that average: exact for untied scores
+    assert np.mean(rates["conformal"]) == pytest.approx(1 - (m.conformal_allowance(n, target) + 1) / (n + 1), abs=0.002)
+
+
+def test_conformal_threshold_with_too_few_cases_warns_and_misses_none():
+    from cxr import evaluation
+
+    y = np.array([1] * 10 + [0] * 30, bool)
+    score = np.linspace(0, 1, 40)[::-1].copy()
+    with pytest.warns(UserWarning, match="10 positive cases: sensitivity 0.95 on new cases needs at least 19"):
+        t = evaluation.choose_threshold(y, score, "sensitivity", 0.95, "conformal")
+    assert t == score[y].min() and m.new_case_rate(y, score, t, "sensitivity") == pytest.approx(1 - 1 / 11)
+    with pytest.warns(UserWarning, match="30 negative cases: specificity 0.99 on new cases needs at least 99"):
+        t = evaluation.choose_threshold(y, score, "specificity", 0.99, "conformal")
+    assert t > score[~y].max() and m.new_case_rate(y, score, t, "specificity") == pytest.approx(1 - 1 / 31)
+    with pytest.raises(ValueError, match="no positive samples"):
+        m.conformal_threshold(np.zeros(3, bool), np.array([0.1, 0.2, 0.3]), "sensitivity", 0.9)

@@ -38,10 +38,14 @@ def test_info_round_trip(tmp_path):
 
 def test_operating_point_round_trip(tmp_path):
     path = _model_file(tmp_path)
-    modelinfo.write_operating_point(path, "COVID", 0.125, "sensitivity", 0.95)
+    modelinfo.write_operating_point(path, "COVID", 0.125, "sensitivity", 0.95, "conformal")
     side = tmp_path / "models" / "m.operating_point.json"
-    assert json.loads(side.read_text()) == {"class": "COVID", "threshold": 0.125, "by": "sensitivity", "target": 0.95}
-    assert modelinfo.read_operating_point(path, CLASSES) == {"class": "COVID", "threshold": 0.125, "by": "sensitivity", "target": 0.95}
+    op = {"class": "COVID", "threshold": 0.125, "by": "sensitivity", "target": 0.95, "rule": "conformal"}
+    assert json.loads(side.read_text()) == op
+    assert modelinfo.read_operating_point(path, CLASSES) == op
+    # a file from before the rule was recorded still reads, without one
+    side.write_text(json.dumps({k: v for k, v in op.items() if k != "rule"}))
+    assert modelinfo.read_operating_point(path, CLASSES) == {**op, "rule": None}
     with pytest.raises(UserError, match="not one of the model's classes"):
         modelinfo.read_operating_point(path, ["A", "B"])
     side.unlink()
@@ -62,6 +66,9 @@ def test_triage_labels_and_rule():
     assert modelinfo.triage_rule(op) == ("COVID-19 suspected when positive_p >= 0.471936 "
                                          "(threshold chosen on the validation split for sensitivity 0.95)")
     assert modelinfo.triage_rule({**op, "by": None, "target": None}) == "COVID-19 suspected when positive_p >= 0.471936"
+    assert modelinfo.triage_rule({**op, "rule": "conformal"}) == (
+        "COVID-19 suspected when positive_p >= 0.471936 "
+        "(threshold chosen on the validation split for sensitivity 0.95 on new cases (conformal))")
 
 
 def test_reading_sidecars_does_not_import_tensorflow(tmp_path):

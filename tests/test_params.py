@@ -80,6 +80,7 @@ def test_round_trip_copy_is_valid(tmp_path, base):
     ("finetune.temperature_scaling", "yes", "finetune.temperature_scaling"),
     ("evaluate.operating_point.by", "ppv", "evaluate.operating_point.by"),
     ("evaluate.operating_point.target", 1.5, "evaluate.operating_point.target"),
+    ("evaluate.operating_point.rule", "bootstrap", "evaluate.operating_point.rule"),
     ("evaluate.sensitivity_at_specificity", [0.95, 1.0], "evaluate.sensitivity_at_specificity"),
     ("evaluate.sensitivity_at_specificity", 0.95, "evaluate.sensitivity_at_specificity"),
     ("evaluate.specificity_at_sensitivity", [0.9, 0.9], "evaluate.specificity_at_sensitivity"),

@@ -186,8 +186,12 @@ def test_evaluate_metrics_and_plots(demo_repo):
         assert set(t["weighted"]) >= {"precision", "recall", "f1", "roc_auc"}
         tri = m["triage"]
         assert tri["class"] == "COVID" and 0 <= tri["threshold"] <= 1
-        # the threshold was chosen on validation to reach the target sensitivity there
-        assert tri["by"] == "sensitivity" and tri["val"]["sensitivity"] >= tri["target"]
+        # the threshold was chosen on validation to reach the target sensitivity there, and on new cases on
+        # average (conformal): `expected` counts the validation cases it misses, one more than it would allow
+        assert tri["by"] == "sensitivity" and tri["val"]["sensitivity"] >= tri["target"] and tri["rule"] == "conformal"
+        n, missed = tri["val"]["tp"] + tri["val"]["fn"], tri["val"]["fn"]
+        assert tri["expected"]["sensitivity"] == pytest.approx(1 - (missed + 1) / (n + 1))
+        assert tri["expected"]["sensitivity"] >= tri["target"] or missed == 0  # too few cases: none missed
         pos = m["positive"]
         assert pos["class"] == "COVID"
         for split in ("val", "test"):
