@@ -175,14 +175,25 @@ def headline(result: dict) -> dict:
             if k not in BOOKKEEPING and (k == "skipped" or not isinstance(v, str))}
 
 
+def own_data(entry: dict, dataset: str | None) -> str | None:
+    """Why a set is not external to a model trained on `dataset`, or None: a downloaded source that is that
+    dataset holds the very images the model was trained, chosen and tested on (a generated one is checked up
+    front, by params, to use another seed)."""
+    if dataset is None or entry["source"] != dataset or sources.get(dataset).generated:
+        return None
+    return (f"its images come from {dataset}, the dataset this model was trained and validated on, so it is not "
+            f"external (name a set from another source in external.sets)")
+
+
 def run(cfg: dict, ev: dict, clean_cfg: dict, classes: list[str], model_path: Path = paths.FINETUNED,
         out: Path = paths.EXTERNAL_METRICS, plots_out: Path = paths.EXTERNAL_PLOTS,
-        reports_out: Path = paths.EXTERNAL_REPORTS) -> dict[str, dict]:
+        reports_out: Path = paths.EXTERNAL_REPORTS, dataset: str | None = None) -> dict[str, dict]:
     """The external stage (`cfg`: params `external`; `ev`: `evaluate`, for its fixed rates and bootstrap;
     `clean_cfg`: `clean`, for the decoding limits and workers): every set -> its figures in out/<name>.json, the
     whole record (counts that add up, bootstrap CIs, class and threshold) in reports_out/<name>.json, ROC points
     in plots_out/<name>.json; the shortcut probes on the test split -> out/probes.json (and reports_out/). A set
-    whose data is missing is skipped (`{"skipped": reason}`) or, with `external.missing: error`, an error."""
+    whose data is missing is skipped (`{"skipped": reason}`) or, with `external.missing: error`, an error; a set
+    from `dataset` itself (the model's own training data) is always skipped, with that reason."""
     info = modelinfo.read_info(model_path)
     if info["classes"] != classes:
         raise UserError(f"{model_path} was trained on classes {info['classes']}, the data has {classes}: rerun `dvc repro`")
@@ -196,9 +207,12 @@ def run(cfg: dict, ev: dict, clean_cfg: dict, classes: list[str], model_path: Pa
         for entry in cfg["sets"]:
             name = entry["name"]
             try:
+                own = own_data(entry, dataset)
+                if own:
+                    raise Missing(own)
                 result, roc = score_set(entry, forward_fn, info, op, cfg, ev, clean_cfg)
             except Missing as why:
-                if cfg["missing"] == "error":
+                if cfg["missing"] == "error" and not own:
                     raise UserError(f"external set {name}: {why}") from None
                 log.warning("external set %s skipped: %s", name, why)
                 result, roc = {"skipped": str(why)}, []

@@ -286,6 +286,26 @@ def test_run_skips_or_fails_on_a_missing_set(monkeypatch, tmp_path):
         external.run({**cfg, "missing": "error"}, EV, CLEAN, CLASSES, out=out, plots_out=plots, reports_out=reports)
 
 
+def test_a_set_from_the_models_own_dataset_is_skipped_not_scored(monkeypatch, tmp_path):
+    # `dvc exp run -S dataset=covid-chestxray` with the default external set (ieee8023, from covid-chestxray):
+    # scoring it would score the model's own training images as if they were external
+    monkeypatch.setattr(external.modelinfo, "read_info", lambda path: INFO)
+    monkeypatch.setattr(external.modelinfo, "read_operating_point", lambda path, classes: OP)
+    monkeypatch.setattr(external.inference, "load_model", lambda path, info: None)
+    monkeypatch.setattr(external.inference, "forward", lambda model: _fake_forward)
+    monkeypatch.setattr(external.probes, "run", lambda *a: {"n": 0})
+    monkeypatch.setattr(external, "score_set", lambda *a: pytest.fail("a set from the training dataset was scored"))
+    entry = {"name": "ieee8023", "source": "covid-chestxray", "map": {"COVID-19": "COVID"}}
+    cfg = {**CFG, "sets": [entry], "probes": {}, "missing": "error"}   # not an error: always skipped, with the reason
+    out, plots, reports = tmp_path / "m", tmp_path / "p", tmp_path / "r"
+    external.run(cfg, EV, CLEAN, CLASSES, out=out, plots_out=plots, reports_out=reports, dataset="covid-chestxray")
+    skipped = json.loads((out / "ieee8023.json").read_text())
+    assert list(skipped) == ["skipped"] and "trained and validated on" in skipped["skipped"]
+    assert external.own_data(entry, "covid-radiography") is None and external.own_data(entry, None) is None
+    # a generated set is another draw (params require another seed), so demo on demo is external
+    assert external.own_data({"name": "d", "source": "demo", "map": {}}, "demo") is None
+
+
 def test_headline_keeps_the_figures_and_leaves_the_bookkeeping_to_the_report():
     record = {"source": "demo", "counts": {"scored": 3},
               "positive": {"class": "COVID", "threshold": 0.4, "roc_auc": 0.8, "ci": {"roc_auc": {"low": 0.7, "high": 0.9}}},
