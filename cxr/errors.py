@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import traceback
+import warnings
 
 EXIT_USER = 2
 EXIT_INTERNAL = 3
@@ -20,8 +22,16 @@ class UserError(Exception):
     """A problem the user can fix (bad params, missing data, no network). Printed as one line."""
 
 
+def _one_line(message, category, filename, lineno, line=None) -> str:
+    return f"{category.__name__}: {message} ({os.path.basename(filename)}:{lineno})"
+
+
 def setup_logging() -> None:
+    """Stage output: `HH:MM:SS <logger>: message` lines; a warning (ours or a library's) is one such line
+    too, `py.warnings: UserWarning: ... (file.py:line)`, instead of Python's two with the source line."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    warnings.formatwarning = _one_line
+    logging.captureWarnings(True)
 
 
 def describe_os_error(err: OSError) -> str:

@@ -6,8 +6,10 @@ import functools
 import io
 import json
 import os
+import re
 import shutil
 import struct
+import subprocess
 import sys
 import tarfile
 import zipfile
@@ -500,6 +502,17 @@ def test_cli_exit_codes_tell_user_errors_from_crashes(capsys):
     err = capsys.readouterr().err
     assert "error: bad thing" in err and "error: /some/where: Permission denied" in err
     assert "ValueError: oops" in err and "internal error" in err
+
+
+def test_a_warning_in_a_stage_is_one_log_line():
+    code = ("import warnings\nfrom cxr.errors import cli\n@cli\ndef main():\n"
+            "    warnings.warn('the validation split has 18 positive cases: sensitivity 0.95 needs 19')\nmain()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, lines   # no second line quoting the source
+    assert re.fullmatch(r"\d\d:\d\d:\d\d py\.warnings: UserWarning: the validation split has 18 positive cases: "
+                        r"sensitivity 0\.95 needs 19 \(<string>:5\)", lines[0]), lines[0]
 
 
 # --- predict: sidecars, model file, output ---------------------------------------------------------------
