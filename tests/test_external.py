@@ -266,13 +266,18 @@ def test_demo_set_is_generated_with_its_own_seed(tmp_path):
     assert set(result["multiclass"]) == {"accuracy", "balanced_accuracy", "macro_roc_auc"}
 
 
-def test_run_skips_or_fails_on_a_missing_set(monkeypatch, tmp_path):
-    monkeypatch.delenv(download.ENV, raising=False)
+@pytest.fixture
+def stubbed_model(monkeypatch):
+    """external.run with a stand-in model and operating point, and no probes: only the sets are under test."""
     monkeypatch.setattr(external.modelinfo, "read_info", lambda path: INFO)
     monkeypatch.setattr(external.modelinfo, "read_operating_point", lambda path, classes: OP)
     monkeypatch.setattr(external.inference, "load_model", lambda path, info: None)
     monkeypatch.setattr(external.inference, "forward", lambda model: _fake_forward)
     monkeypatch.setattr(external.probes, "run", lambda *a: {"n": 0})
+
+
+def test_run_skips_or_fails_on_a_missing_set(monkeypatch, tmp_path, stubbed_model):
+    monkeypatch.delenv(download.ENV, raising=False)
     entry = {"name": "ieee8023", "source": "covid-chestxray", "map": {"COVID-19": "COVID"}}
     cfg = {**CFG, "sets": [entry], "probes": {}}
     out, plots, reports = tmp_path / "m", tmp_path / "p", tmp_path / "r"
@@ -286,14 +291,9 @@ def test_run_skips_or_fails_on_a_missing_set(monkeypatch, tmp_path):
         external.run({**cfg, "missing": "error"}, EV, CLEAN, CLASSES, out=out, plots_out=plots, reports_out=reports)
 
 
-def test_a_set_from_the_models_own_dataset_is_skipped_not_scored(monkeypatch, tmp_path):
+def test_a_set_from_the_models_own_dataset_is_skipped_not_scored(monkeypatch, tmp_path, stubbed_model):
     # `dvc exp run -S dataset=covid-chestxray` with the default external set (ieee8023, from covid-chestxray):
     # scoring it would score the model's own training images as if they were external
-    monkeypatch.setattr(external.modelinfo, "read_info", lambda path: INFO)
-    monkeypatch.setattr(external.modelinfo, "read_operating_point", lambda path, classes: OP)
-    monkeypatch.setattr(external.inference, "load_model", lambda path, info: None)
-    monkeypatch.setattr(external.inference, "forward", lambda model: _fake_forward)
-    monkeypatch.setattr(external.probes, "run", lambda *a: {"n": 0})
     monkeypatch.setattr(external, "score_set", lambda *a: pytest.fail("a set from the training dataset was scored"))
     entry = {"name": "ieee8023", "source": "covid-chestxray", "map": {"COVID-19": "COVID"}}
     cfg = {**CFG, "sets": [entry], "probes": {}, "missing": "error"}   # not an error: always skipped, with the reason
