@@ -49,10 +49,13 @@ def record(p: dict, out: Path) -> dict:
     p["finetune"].update(patience=p["finetune"]["epochs"] + 1, select="best")
     ds = params.dataset(p)
     splits = data.load_splits(ds["classes"], only=("train", "val"), masks=False)
-    training.Selector = Recording  # finetune builds its Selectors through the module: every run is recorded
-    with tempfile.TemporaryDirectory() as live_dir:
-        training.finetune(p, ds["classes"], splits, paths.BASELINE, Live(dir=live_dir, dvcyaml=False, save_dvc_exp=False, report=None),
-                          ds["classes"].index(ds["positive"]))
+    stage_selector, training.Selector = training.Selector, Recording  # finetune builds its Selectors through the module
+    try:
+        with tempfile.TemporaryDirectory() as live_dir:
+            training.finetune(p, ds["classes"], splits, paths.BASELINE, Live(dir=live_dir, dvcyaml=False, save_dvc_exp=False, report=None),
+                              ds["classes"].index(ds["positive"]))
+    finally:
+        training.Selector = stage_selector  # compare() scores with the stage's own, recording nothing
     tr = splits["train"].labels
     rec = {"proba": [np.stack(r) for r in recorded], "y": np.asarray(splits["val"].labels),
            "class_weight": training.class_weights(tr, len(ds["classes"]), p["train"]["class_weight"]),
@@ -67,17 +70,13 @@ class Soups:
     blocks and head on the validation split's cached activations at the cut."""
 
     def __init__(self, p: dict, weights_dir: Path):
-        import keras
-
         cfg, ds = p["finetune"], params.dataset(p)
         va = data.load_splits(ds["classes"], only=("val",), masks=False)["val"]
         model = models.load(paths.BASELINE)
         models.unfreeze_from(model, cfg["unfreeze_from"], freeze_batchnorm=models.pretrained(p["model"]))
         lower, top = models.split_backbone(model, cfg["unfreeze_from"])
         self.x = training.cache_views(model, lower, va.images, 0, None, cfg["batch_size"])[0].astype(np.float32)
-        inp = keras.Input(top.input.shape[1:])
-        out = model.get_layer("predictions")(model.get_layer("dropout")(model.get_layer("pool")(top(inp))))
-        self.model, self.dir, self.memo = keras.Model(inp, out), weights_dir, {}
+        self.model, self.dir, self.memo = models.top_model(model, top), weights_dir, {}
 
     def __call__(self, members) -> np.ndarray:
         key = tuple(sorted(members))

@@ -5,7 +5,6 @@ Metrics come with bootstrap CIs; the operating point is chosen on validation and
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
 from pathlib import Path
@@ -32,14 +31,13 @@ def choose_threshold(y_pos: np.ndarray, score: np.ndarray, by: str, target: floa
     leaves one or two validation cases more on the safe side; with too few cases for that, a warning and the
     strictest threshold that still misses none of them."""
     if rule == "conformal":
-        threshold, reachable = metrics.conformal_threshold(y_pos, score, by, target)
-        if not reachable:
+        pick = metrics.conformal_threshold(y_pos, score, by, target)
+        if not pick.reachable:
             kind = "positive" if by == "sensitivity" else "negative"
-            n = int(np.sum(np.asarray(y_pos, bool) == (by == "sensitivity")))
-            warnings.warn(f"the validation split has {n} {kind} cases: {by} {target:g} on new cases needs at least "
-                          f"{math.ceil(target / (1 - target) - 1e-9)}; the triage threshold misses none of them "
-                          f"({by} {1 - 1 / (n + 1):.3f} on average on new cases)")
-        return threshold
+            warnings.warn(f"the validation split has {pick.cases} {kind} cases: {by} {target:g} on new cases needs at least "
+                          f"{metrics.conformal_minimum(target)}; the triage threshold misses none of them "
+                          f"({by} {1 - 1 / (pick.cases + 1):.3f} on average on new cases)")
+        return pick.threshold
     if by == "sensitivity":
         return metrics.threshold_for_sensitivity(y_pos, score, target)
     return metrics.threshold_for_specificity(np.asarray(score)[~np.asarray(y_pos, bool)], target)

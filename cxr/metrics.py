@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 from scipy.stats import rankdata
@@ -191,16 +191,30 @@ def headline(rep: dict) -> dict:
             "macro_roc_auc": rep["macro"]["roc_auc"]}
 
 
+def _threshold_with_wrong(cases: np.ndarray, by: str, m: int) -> float:
+    """The threshold on the positive class's score that puts the m most extreme of these cases (the scores of
+    one kind) on the wrong side, fewer where scores tie. By sensitivity (the positives' scores): the (m+1)-th
+    lowest of them, so m lie below it and those tied at it are not below it. By specificity (the negatives'
+    scores): just above the (m+1)-th highest, so only the m above it are called positive; -inf when m covers
+    them all."""
+    if by == "sensitivity":
+        return float(np.sort(cases)[min(m, len(cases) - 1)])
+    neg = np.sort(cases)[::-1]
+    if m >= len(neg):
+        return -math.inf
+    return float(np.nextafter(neg[m], math.inf))
+
+
 def threshold_for_sensitivity(y_pos: np.ndarray, score: np.ndarray, target: float) -> float:
     """Highest positive-class score t such that sensitivity of (score >= t) is >= target."""
     if not 0.0 <= target <= 1.0:
         raise ValueError(f"target sensitivity must be in [0, 1], got {target}")
-    pos = np.sort(np.asarray(score, dtype=float)[np.asarray(y_pos, dtype=bool)])[::-1]
+    pos = np.asarray(score, dtype=float)[np.asarray(y_pos, dtype=bool)]
     if len(pos) == 0:
         raise ValueError("threshold_for_sensitivity: no positive samples, sensitivity is undefined")
-    # With threshold pos[j], at least j+1 positives are called positive (more with ties).
-    sens = np.arange(1, len(pos) + 1) / len(pos)
-    return float(pos[np.argmax(sens >= target)])
+    # calling the j+1 highest positive: sensitivity (j+1)/n; the fewest that reach target leave n-1-j below
+    called = int(np.argmax(np.arange(1, len(pos) + 1) / len(pos) >= target)) + 1
+    return _threshold_with_wrong(pos, "sensitivity", len(pos) - called)
 
 
 def threshold_for_specificity(y_neg_score: np.ndarray, target: float) -> float:
@@ -208,40 +222,44 @@ def threshold_for_specificity(y_neg_score: np.ndarray, target: float) -> float:
     at most floor((1 - target) * n_negatives) negatives score >= t."""
     if not 0.0 <= target <= 1.0:
         raise ValueError(f"target specificity must be in [0, 1], got {target}")
-    neg = np.sort(np.asarray(y_neg_score, dtype=float))[::-1]
+    neg = np.asarray(y_neg_score, dtype=float)
     if len(neg) == 0:
         raise ValueError("threshold_for_specificity: no negative samples, specificity is undefined")
-    allowed = int(math.floor((1.0 - target) * len(neg) + 1e-9))
-    if allowed >= len(neg):
-        return -math.inf
-    return float(np.nextafter(neg[allowed], math.inf))  # just above the first negative that must not be called
+    return _threshold_with_wrong(neg, "specificity", int(math.floor((1.0 - target) * len(neg) + 1e-9)))
 
 
 def conformal_allowance(n: int, target: float) -> int:
     """How many of n validation cases of one kind a threshold may put on the wrong side so that its rate
     (sensitivity for positives, specificity for negatives) still reaches `target` on average on new cases from
     the same source: m with (m + 1) / (n + 1) <= 1 - target (split-conformal; see new_case_rate). -1 when even
-    m = 0 is too many: n is below target / (1 - target)."""
+    m = 0 is too many: n is below target / (1 - target) (conformal_minimum)."""
     return int(math.floor((1.0 - target) * (n + 1) + 1e-9)) - 1
 
 
-def conformal_threshold(y_pos: np.ndarray, score: np.ndarray, by: str, target: float) -> tuple[float, bool]:
+def conformal_minimum(target: float) -> int:
+    """The fewest cases of one kind for which conformal_allowance(n, target) is not -1."""
+    return math.ceil(target / (1.0 - target) - 1e-9)
+
+
+class ConformalThreshold(NamedTuple):
+    threshold: float
+    cases: int        # validation cases of the kind `by` counts (positives or negatives)
+    reachable: bool   # False: too few cases for the target; the threshold misses none of them
+
+
+def conformal_threshold(y_pos: np.ndarray, score: np.ndarray, by: str, target: float) -> ConformalThreshold:
     """The threshold on the positive class's score whose `by` rate (sensitivity or specificity) reaches
     `target` on average on new cases, not just on these validation cases: by sensitivity, the highest one that
     misses at most conformal_allowance(n_positives) of them; by specificity, the lowest one that calls at most
-    conformal_allowance(n_negatives) negatives. Returns (threshold, reachable): when there are too few cases for
-    the target (allowance -1), the strictest threshold that misses none of them, and False."""
+    conformal_allowance(n_negatives) negatives. When there are too few cases for the target (allowance -1), the
+    strictest threshold that misses none of them, not reachable."""
     y = np.asarray(y_pos, dtype=bool)
     score = np.asarray(score, dtype=float)
     cases = score[y] if by == "sensitivity" else score[~y]
     if len(cases) == 0:
         raise ValueError(f"conformal_threshold: no {'positive' if by == 'sensitivity' else 'negative'} samples, {by} is undefined")
     allowed = conformal_allowance(len(cases), target)
-    m = max(allowed, 0)
-    if by == "sensitivity":
-        return float(np.sort(cases)[m]), allowed >= 0  # m positives lie below it (more with ties at it: none are)
-    neg = np.sort(cases)[::-1]
-    return float(np.nextafter(neg[m], math.inf)), allowed >= 0  # just above the first negative that must not be called
+    return ConformalThreshold(_threshold_with_wrong(cases, by, max(allowed, 0)), len(cases), allowed >= 0)
 
 
 def new_case_rate(y_pos: np.ndarray, score: np.ndarray, threshold: float, by: str) -> float | None:

@@ -268,6 +268,14 @@ def split_backbone(model: keras.Model, unfreeze_from: str) -> tuple[keras.Model,
     return lower, top
 
 
+def top_model(model: keras.Model, top: keras.Model) -> keras.Model:
+    """What fine-tuning trains on cached activations: the boundary activations in, `top` (split_backbone's)
+    then `model`'s head (pool, dropout, predictions) out. Shares its layers and weights with `model`."""
+    inp = keras.Input(top.input.shape[1:], name="boundary")
+    out = model.get_layer("predictions")(model.get_layer("dropout")(model.get_layer("pool")(top(inp))))
+    return keras.Model(inp, out, name="finetune_top")
+
+
 def unfreeze_from(model: keras.Model, start: str, freeze_batchnorm: bool = True) -> int:
     """Make the backbone trainable from block `start` up (see first_trainable_layer); BatchNorm stays
     frozen, in inference mode, unless freeze_batchnorm is off (a backbone without pretrained weights).

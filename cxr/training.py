@@ -418,9 +418,7 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
         train_views = cache_views(model, lower, tr.images, cfg["views"], aug, bs, "caching train")
         val_x = cache_views(model, lower, va.images, 0, None, bs, "caching val")[0].astype(np.float32)
         with devices.scope():
-            inp = keras.Input(top.input.shape[1:], name="boundary")
-            out = model.get_layer("predictions")(model.get_layer("dropout")(model.get_layer("pool")(top(inp))))
-            trained = keras.Model(inp, out, name="finetune_top")
+            trained = models.top_model(model, top)
         log.info("cached %d views of %d training images and %d validation images, %s each, in %.1fs",
                  cfg["views"] + 1, len(tr), len(va), tuple(top.input.shape[1:]), time.perf_counter() - t0)
     else:

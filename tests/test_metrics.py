@@ -341,6 +341,11 @@ def test_conformal_allowance():
     assert m.conformal_allowance(19, 0.95) == 0      # 1/20 = 0.05 exactly
     assert m.conformal_allowance(18, 0.95) == -1     # too few cases: even none missed gives 1/19 > 0.05
     assert m.conformal_allowance(180, 0.98) == 2     # 3/181 = 0.0166 <= 0.02 < 4/181
+    # conformal_minimum is where the allowance first reaches 0
+    for target in (0.5, 0.8, 0.9, 0.95, 0.975, 0.98, 0.99):
+        n = m.conformal_minimum(target)
+        assert m.conformal_allowance(n - 1, target) == -1 and m.conformal_allowance(n, target) == 0, target
+    assert m.conformal_minimum(0.95) == 19 and m.conformal_minimum(0.99) == 99
 
 
 @pytest.mark.parametrize("by, n, wrong_side", [("sensitivity", 89, lambda s, t: s < t), ("specificity", 110, lambda s, t: s >= t)])
@@ -380,5 +385,9 @@ def test_conformal_threshold_with_too_few_cases_warns_and_misses_none():
     with pytest.warns(UserWarning, match="30 negative cases: specificity 0.99 on new cases needs at least 99"):
         t = evaluation.choose_threshold(y, score, "specificity", 0.99, "conformal")
     assert t > score[~y].max() and m.new_case_rate(y, score, t, "specificity") == pytest.approx(1 - 1 / 31)
+    pick = m.conformal_threshold(y, score, "sensitivity", 0.95)
+    assert (pick.cases, pick.reachable, pick.threshold) == (10, False, score[y].min())
+    # specificity 0.9 on 30 negatives: 2 may be called positive (3/31 <= 0.1), so just above the third highest
+    assert m.conformal_threshold(y, score, "specificity", 0.9) == (np.nextafter(score[~y][2], 1.0), 30, True)
     with pytest.raises(ValueError, match="no positive samples"):
         m.conformal_threshold(np.zeros(3, bool), np.array([0.1, 0.2, 0.3]), "sensitivity", 0.9)
