@@ -205,6 +205,8 @@ def _validate(p: dict, sources: dict | None) -> None:
     _int(p, "finetune.warmup_epochs", 0, epochs - 1)
     _float(p, "finetune.weight_decay", 0, 1)
     _float(p, "finetune.label_smoothing", 0, 1, hi_open=True)
+    if _float(p, "finetune.mixup", 0, 10) and not _get(p, "finetune.views"):
+        _fail("finetune.mixup", "0 when finetune.views is 0 (mixup mixes the cached activations)", _get(p, "finetune.mixup"))
     ema = _float(p, "finetune.ema_epochs", 0, 100)
     if 0 < ema < 0.1:
         _fail("finetune.ema_epochs", "0 (off) or at least 0.1 (epochs)", ema)

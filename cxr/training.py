@@ -260,23 +260,35 @@ def baseline(p: dict, classes: list[str], splits: dict[str, data.Subset], live, 
 
 
 def _view_batches(views: list[np.ndarray], onehot: np.ndarray, sample_weights: np.ndarray, batch_size: int, seed: int,
-                  multiple_of: int = 1):
+                  multiple_of: int = 1, mixup: float = 0.0):
     """A keras.utils.PyDataset over cached boundary activations: every epoch each training image appears once,
     as one of its cached views (un-augmented or augmented) drawn at random, in shuffled order; seeded. With data
     parallelism over `multiple_of` devices, each epoch leaves out the last n % multiple_of of its order, so every
-    batch splits evenly (data.batches)."""
+    batch splits evenly (data.batches).
+
+    With `mixup` > 0 (manifold mixup at the cut, Verma et al. 2019), each image's activations are mixed with
+    those of a random partner image (a random view of it), lam ~ Beta(mixup, mixup) per image and epoch. The
+    partner's share of the loss keeps its own class weight: the sample weight is lam w1 + (1 - lam) w2 and the
+    target (lam w1 y1 + (1 - lam) w2 y2) / that weight, so the weighted loss is the weighted mixture of the two
+    images' losses. Its draws come from their own generator: order and views are those of mixup 0."""
     import keras
 
     class ViewBatches(keras.utils.PyDataset):
         def __init__(self):
             super().__init__()
             self.rng = np.random.default_rng(seed)
+            self.mix_rng = np.random.default_rng([seed, 1])
             self.used = data.even(len(onehot), multiple_of)
             self.on_epoch_end()
 
         def on_epoch_end(self):
             self.order = self.rng.permutation(len(onehot))
             self.view = self.rng.integers(0, len(views), len(onehot))
+            if mixup:
+                n = len(onehot)
+                self.lam = self.mix_rng.beta(mixup, mixup, n).astype(np.float32)
+                self.partner = self.mix_rng.integers(0, n, n)
+                self.partner_view = self.mix_rng.integers(0, len(views), n)
 
         def __len__(self):
             return int(np.ceil(self.used / batch_size))
@@ -284,7 +296,15 @@ def _view_batches(views: list[np.ndarray], onehot: np.ndarray, sample_weights: n
         def __getitem__(self, i):
             idx = np.sort(self.order[i * batch_size : min(self.used, (i + 1) * batch_size)])
             x = np.stack([views[v][j] for v, j in zip(self.view[idx], idx)]).astype(np.float32)
-            return x, onehot[idx], sample_weights[idx]
+            if not mixup:
+                return x, onehot[idx], sample_weights[idx]
+            lam, other = self.lam[idx], self.partner[idx]
+            x2 = np.stack([views[v][j] for v, j in zip(self.partner_view[idx], other)]).astype(np.float32)
+            w1, w2 = lam * sample_weights[idx], (1 - lam) * sample_weights[other]
+            weight = w1 + w2
+            target = (w1[:, None] * onehot[idx] + w2[:, None] * onehot[other]) / weight[:, None]
+            shape = (-1,) + (1,) * (x.ndim - 1)
+            return lam.reshape(shape) * x + (1 - lam).reshape(shape) * x2, target.astype(np.float32), weight.astype(np.float32)
 
     return ViewBatches()
 
@@ -437,7 +457,8 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
             backend.seed_everything(seed, deterministic=not runtime["xla"])
             trained.set_weights(start)
         if cfg["views"]:
-            fit_data = {"x": _view_batches(train_views, onehot, _sample_weights(tr.labels, class_weight), bs, seed, devices.replicas)}
+            fit_data = {"x": _view_batches(train_views, onehot, _sample_weights(tr.labels, class_weight), bs, seed, devices.replicas,
+                                           cfg["mixup"])}
         else:
             # the dataset shuffles itself (seeded); Keras' own shuffle does not apply to one
             fit_data = {"x": data.batches(tr.images, onehot, bs, shuffle=True, seed=seed, multiple_of=devices.replicas,

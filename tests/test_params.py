@@ -72,6 +72,8 @@ def test_round_trip_copy_is_valid(tmp_path, base):
     ("finetune.members", 0, "finetune.members"),
     ("finetune.warmup_epochs", 30, "finetune.warmup_epochs"),  # must be below finetune.epochs (30)
     ("finetune.label_smoothing", 1.0, "finetune.label_smoothing"),
+    ("finetune.mixup", -0.1, "finetune.mixup"),
+    ("finetune.mixup", "yes", "finetune.mixup"),
     ("finetune.ema_epochs", -1, "finetune.ema_epochs"),
     ("finetune.ema_epochs", 0.01, "finetune.ema_epochs"),
     ("finetune.ema_epochs", "yes", "finetune.ema_epochs"),
@@ -97,6 +99,16 @@ def test_bad_value_names_its_key(tmp_path, base, key, value, named):
     assert named in str(info.value)
     if value is _DELETE:
         assert "missing" in str(info.value)
+
+
+def test_mixup_without_cached_views_is_refused_up_front(tmp_path, base):
+    tree = copy.deepcopy(base)
+    _set(tree, "finetune.mixup", 0.2)
+    _set(tree, "finetune.views", 0)
+    with pytest.raises(UserError, match=r"finetune\.mixup must be 0 when finetune\.views is 0"):
+        params.load(_write(tmp_path, tree))
+    _set(tree, "finetune.views", 2)
+    assert params.load(_write(tmp_path, tree))["finetune"]["mixup"] == 0.2
 
 
 @pytest.mark.parametrize("key", ["split.val_fraction", "train.learning_rate", "evaluate.bootstrap.level", "gradcam.alpha"])

@@ -169,7 +169,8 @@ def test_split_backbone_composes_to_the_backbone():
 @pytest.mark.slow  # trains for tens of seconds
 def test_finetune_on_cached_views_trains_the_top_blocks_of_the_full_model(tmp_path):
     s = _splits()
-    p = _params(**{"finetune.unfreeze_from": "block_15", "finetune.views": 2, "finetune.epochs": 3, "finetune.patience": 3})
+    p = _params(**{"finetune.unfreeze_from": "block_15", "finetune.views": 2, "finetune.epochs": 3, "finetune.patience": 3,
+                   "finetune.mixup": 0.4})  # mixup too: deterministic as well
     model, _ = training.baseline(p, CLASSES, s, _live(tmp_path / "a"))
     path = tmp_path / "baseline.keras"
     training.save(model, path, training.model_info(p, CLASSES, "COVID"))
@@ -187,6 +188,38 @@ def test_finetune_on_cached_views_trains_the_top_blocks_of_the_full_model(tmp_pa
     # deterministic: the same params and data give the same weights
     for a, b in zip(runs[0][1].get_weights(), runs[1][1].get_weights()):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_view_batches_mixup_mixes_activations_and_keeps_each_image_s_class_weight_in_the_loss():
+    rng = np.random.default_rng(0)
+    n, k = 21, 3
+    views = [rng.normal(size=(n, 2, 2, 4)).astype(np.float16) for _ in range(3)]
+    labels = np.arange(n) % k
+    onehot = np.eye(k, dtype=np.float32)[labels]
+    w = np.array([1.0, 2.0, 4.0], np.float32)[labels]
+    plain = training._view_batches(views, onehot, w, 8, seed=3)
+    mixed = training._view_batches(views, onehot, w, 8, seed=3, mixup=0.4)
+    again = training._view_batches(views, onehot, w, 8, seed=3, mixup=0.4)
+    ce = lambda t, q: -(t * np.log(q)).sum(axis=1)  # noqa: E731
+    lams = []
+    for epoch in range(2):
+        for i in range(len(plain)):
+            (x, y, sw), (xm, ym, swm) = plain[i], mixed[i]
+            for a, b in zip(mixed[i], again[i]):  # seeded
+                np.testing.assert_array_equal(a, b)
+            idx = np.sort(plain.order[i * 8 : (i + 1) * 8])
+            lam, other = mixed.lam[idx], mixed.partner[idx]
+            partner = np.stack([views[v][j] for v, j in zip(mixed.partner_view[idx], other)]).astype(np.float32)
+            # the same images and views as without mixup, each mixed with its partner
+            np.testing.assert_allclose(xm, lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * partner, rtol=1e-6)
+            np.testing.assert_allclose(ym.sum(axis=1), 1.0, rtol=1e-6)
+            # weighted loss = the lam-weighted mixture of the two images' class-weighted losses, for any prediction
+            q = rng.dirichlet(np.ones(k), len(idx))
+            np.testing.assert_allclose(swm * ce(ym, q), lam * sw * ce(y, q) + (1 - lam) * w[other] * ce(onehot[other], q), rtol=1e-5)
+            lams.append(lam)
+        plain.on_epoch_end(), mixed.on_epoch_end(), again.on_epoch_end()
+    lams = np.concatenate(lams)
+    assert ((lams > 0.1) & (lams < 0.9)).mean() > 0.2 and len(np.unique(lams)) == len(lams)  # Beta(0.4, 0.4), drawn anew
 
 
 def test_greedy_soup_averages_the_members_that_help_and_leaves_out_a_bad_one():
