@@ -206,16 +206,17 @@ def run(cfg: dict, ev: dict, clean_cfg: dict, classes: list[str], model_path: Pa
     with atomic.atomic_dir(out) as tmp, atomic.atomic_dir(plots_out) as plots_tmp, atomic.atomic_dir(reports_out) as rep_tmp:
         for entry in cfg["sets"]:
             name = entry["name"]
-            try:
-                own = own_data(entry, dataset)
-                if own:
-                    raise Missing(own)
-                result, roc = score_set(entry, forward_fn, info, op, cfg, ev, clean_cfg)
-            except Missing as why:
-                if cfg["missing"] == "error" and not own:
-                    raise UserError(f"external set {name}: {why}") from None
-                log.warning("external set %s skipped: %s", name, why)
-                result, roc = {"skipped": str(why)}, []
+            skipped = own_data(entry, dataset)  # skipped whatever external.missing says
+            if skipped is None:
+                try:
+                    result, roc = score_set(entry, forward_fn, info, op, cfg, ev, clean_cfg)
+                except Missing as why:
+                    if cfg["missing"] == "error":
+                        raise UserError(f"external set {name}: {why}") from None
+                    skipped = str(why)
+            if skipped:
+                log.warning("external set %s skipped: %s", name, skipped)
+                result, roc = {"skipped": skipped}, []
             else:
                 p = result["positive"]
                 log.info("%s: %d images scored; %s ROC-AUC %s, sensitivity/specificity %s/%s at threshold %.4f",

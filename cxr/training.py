@@ -295,11 +295,12 @@ def _view_batches(views: list[np.ndarray], onehot: np.ndarray, sample_weights: n
 
         def __getitem__(self, i):
             idx = np.sort(self.order[i * batch_size : min(self.used, (i + 1) * batch_size)])
-            x = np.stack([views[v][j] for v, j in zip(self.view[idx], idx)]).astype(np.float32)
+            gather = lambda which, images: np.stack([views[v][j] for v, j in zip(which, images)]).astype(np.float32)  # noqa: E731
+            x = gather(self.view[idx], idx)
             if not mixup:
                 return x, onehot[idx], sample_weights[idx]
             lam, other = self.lam[idx], self.partner[idx]
-            x2 = np.stack([views[v][j] for v, j in zip(self.partner_view[idx], other)]).astype(np.float32)
+            x2 = gather(self.partner_view[idx], other)
             w1, w2 = lam * sample_weights[idx], (1 - lam) * sample_weights[other]
             weight = w1 + w2
             target = (w1[:, None] * onehot[idx] + w2[:, None] * onehot[other]) / weight[:, None]
