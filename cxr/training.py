@@ -532,11 +532,25 @@ def run_stage(stage: str) -> None:
             model, summary = finetune(p, classes, splits, paths.BASELINE, live, classes.index(ds["positive"]))
         save(model, out, model_info(p, classes, ds["positive"]))
         timing = {k: round(summary.pop(k), 2) for k in list(summary) if "seconds" in k}
+        kept = kept_in_words(summary)
         live.summary["epochs_run"] = summary.pop("epochs_run")
         live.summary["best"] = {"epoch": summary.pop("best_epoch"), **summary}
         live.summary["seconds"] = timing
         live.make_summary()
         # dvclive's markdown report (report.md, its curves in static/), drawn once: per epoch it costs ~0.5 s
         Live(dir=str(tmp), resume=True, dvcyaml=False, save_dvc_exp=False, report="md").make_report()
-    log.info("%s: best epoch %s of %s, %s; %s; stage %.1fs", stage, live.summary["best"]["epoch"], live.summary["epochs_run"],
-             {k: v for k, v in summary.items() if k.startswith("val_")}, timing, time.perf_counter() - t0)
+    log.info("%s: kept %s; validation %s; %s; stage %.1fs", stage, kept,
+             {k[4:]: v for k, v in summary.items() if k.startswith("val_")}, timing, time.perf_counter() - t0)
+
+
+def kept_in_words(summary: dict) -> str:
+    """What a train or finetune summary says was kept, in words (the stage's last log line)."""
+    epoch, epochs_run = summary["best_epoch"], summary["epochs_run"]
+    if "ensemble" in summary:
+        n, of = summary["ensemble"]["members"], summary["ensemble"]["of"]
+        if summary["start_kept"]:
+            return f"the starting weights ({'the ensemble of %d runs' % of if of > 1 else 'the run'} did not beat them)"
+        return f"the ensemble of {n} runs' final weights (epoch {epoch} each, {epochs_run} in all)" if n > 1 else f"the final weights, epoch {epoch}"
+    if "soup" in summary:
+        return f"a weight soup of the best epochs of {summary['soup']['members']} of {summary['soup']['of']} runs ({epochs_run} epochs in all)"
+    return f"epoch {epoch} of {epochs_run}" if epoch else f"the starting weights (none of {epochs_run} epochs beat them)"

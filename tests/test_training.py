@@ -62,6 +62,7 @@ def test_baseline_is_deterministic(tmp_path):
     for i in range(2):
         model, summary = training.baseline(_params(), CLASSES, s, _live(tmp_path / str(i)))
         runs.append((summary["val_loss"], model.get_layer("predictions").get_weights()[0]))
+    assert training.kept_in_words(summary) == f"epoch {summary['best_epoch']} of {summary['epochs_run']}" and summary["best_epoch"] >= 1
     assert runs[0][0] == pytest.approx(runs[1][0], abs=1e-6)
     np.testing.assert_allclose(runs[0][1], runs[1][1], atol=1e-6)
 
@@ -88,6 +89,7 @@ def test_finetune_keeps_start_when_no_epoch_improves(tmp_path):
     p["finetune"]["temperature_scaling"] = False  # calibration would rescale the kept head (tested on its own)
     tuned, summary = training.finetune(p, CLASSES, s, path, _live(tmp_path / "b"))
     assert summary["best_epoch"] == 0
+    assert training.kept_in_words(summary) == "the starting weights (the run did not beat them)"
     for a, b in zip(model.get_weights(), tuned.get_weights()):
         np.testing.assert_array_equal(a, b)
 
@@ -260,10 +262,13 @@ def test_finetune_members_share_the_cache_and_are_deterministic(tmp_path, select
     if select == "best":
         assert summary["soup"]["of"] == 2 and 1 <= summary["soup"]["members"] <= 2
         assert summary["epochs_run"] <= 2 * 3
+        assert training.kept_in_words(summary).startswith(f"a weight soup of the best epochs of {summary['soup']['members']} of 2 runs")
     else:  # every member runs to the schedule's end (patience does not stop it) and is kept, unless the guard steps in
         assert summary["epochs_run"] == 2 * 3 and [m["epoch"] for m in summary["members"].values()] == [3, 3]
         assert summary["ensemble"] == {"members": 1 if summary["start_kept"] else 2, "of": 2}
         assert models.member_count(runs[0][0]) == summary["ensemble"]["members"]
+        assert training.kept_in_words(summary) == ("the starting weights (the ensemble of 2 runs did not beat them)" if summary["start_kept"]
+                                                   else "the ensemble of 2 runs' final weights (epoch 3 each, 6 in all)")
     for a, b in zip(runs[0][0].get_weights(), runs[1][0].get_weights()):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
