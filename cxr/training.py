@@ -549,8 +549,11 @@ def kept_in_words(summary: dict) -> str:
     if "ensemble" in summary:
         n, of = summary["ensemble"]["members"], summary["ensemble"]["of"]
         if summary["start_kept"]:
-            return f"the starting weights ({'the ensemble of %d runs' % of if of > 1 else 'the run'} did not beat them)"
-        return f"the ensemble of {n} runs' final weights (epoch {epoch} each, {epochs_run} in all)" if n > 1 else f"the final weights, epoch {epoch}"
+            runs = f"the ensemble of {of} runs" if of > 1 else "the run"
+            return f"the starting weights ({runs} did not beat them)"
+        if n > 1:
+            return f"the ensemble of {n} runs' final weights (epoch {epoch} each, {epochs_run} in all)"
+        return f"the final weights, epoch {epoch}"
     if "soup" in summary:
         return f"a weight soup of the best epochs of {summary['soup']['members']} of {summary['soup']['of']} runs ({epochs_run} epochs in all)"
     return f"epoch {epoch} of {epochs_run}" if epoch else f"the starting weights (none of {epochs_run} epochs beat them)"
