@@ -203,13 +203,26 @@ def load_splits(classes: list[str], clean_dir: Path = paths.CLEAN, split_csv: Pa
 
 
 def augmenter(cfg: dict, seed: int):
-    """Light, anatomy-preserving augmentation (params train.augment) as one Keras layer, augment.RandomAffine
-    (identity outside training), or None when every setting is off."""
+    """Light, anatomy-preserving augmentation (params train.augment) as one Keras layer, or None when every
+    setting is off: the exposure changes first (Keras' RandomBrightness and RandomContrast on 0..255, clipped),
+    then augment.RandomAffine; identity outside training."""
+    import keras
+
     from .augment import RandomAffine
 
-    if not (cfg["rotation"] or cfg["translation"] or cfg["zoom"] or cfg["flip"]):
-        return None
-    return RandomAffine(cfg["rotation"], cfg["translation"], cfg["zoom"], bool(cfg["flip"]), seed=seed, name="augment")
+    layers = []
+    if cfg.get("brightness"):
+        layers.append(keras.layers.RandomBrightness(cfg["brightness"], value_range=(0, 255), seed=seed + 1, name="brightness"))
+    if cfg.get("contrast"):
+        # a pair: Keras 3.15 reads a single number c as [1, 1 + c] (contrast only ever raised), a pair (c, c) as [1 - c, 1 + c]
+        c = float(cfg["contrast"])
+        layers.append(keras.layers.RandomContrast((c, c), value_range=(0, 255), seed=seed + 2, name="contrast"))
+    if cfg["rotation"] or cfg["translation"] or cfg["zoom"] or cfg["flip"]:
+        layers.append(RandomAffine(cfg["rotation"], cfg["translation"], cfg["zoom"], bool(cfg["flip"]), seed=seed,
+                                   name="affine" if layers else "augment"))
+    if len(layers) > 1:
+        return keras.Sequential(layers, name="augment")
+    return layers[0] if layers else None
 
 
 def even(n: int, multiple_of: int) -> int:

@@ -193,6 +193,8 @@ def _validate(p: dict, sources: dict | None) -> None:
     _float(p, "train.augment.translation", 0, 0.5)
     _float(p, "train.augment.zoom", 0, 0.9)
     _bool(p, "train.augment.flip")
+    _float(p, "train.augment.brightness", 0, 0.5)
+    _float(p, "train.augment.contrast", 0, 0.9)
     _bool(p, "runtime.mixed_precision")
     _bool(p, "runtime.xla")
     _choice(p, "runtime.distribute", ("auto", "all", "none"))

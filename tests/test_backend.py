@@ -42,6 +42,26 @@ def test_random_affine_is_the_identity_at_inference_and_with_nothing_to_do():
     assert data.augmenter({"rotation": 0, "translation": 0, "zoom": 0, "flip": False}, 0) is None
 
 
+def test_exposure_augmentation_shifts_and_stretches_each_image_within_0_255():
+    flat = np.full((32, 8, 8, 1), 128, np.float32)
+    off = {"rotation": 0, "translation": 0, "zoom": 0, "flip": False}
+    bright = data.augmenter({**off, "brightness": 0.1}, 0)
+    np.testing.assert_array_equal(backend.to_numpy(bright(flat, training=False)), flat)
+    shifted = backend.to_numpy(bright(flat, training=True))
+    shift = shifted[:, 0, 0, 0] - 128
+    assert np.abs(shift).max() <= 25.5 + 1e-3 and shift.min() < -5 and shift.max() > 5  # up to 0.1 of 0..255, both ways
+    assert np.allclose(shifted, shifted[:, :1, :1])  # one shift per image
+    ramp = np.linspace(0, 255, 64, dtype=np.float32).reshape(1, 8, 8, 1).repeat(32, axis=0)
+    stretched = backend.to_numpy(data.augmenter({**off, "contrast": 0.5}, 0)(ramp, training=True))
+    spread = stretched.std(axis=(1, 2, 3)) / ramp[0].std()
+    assert stretched.min() >= 0 and stretched.max() <= 255  # clipped to the pixel range
+    assert spread.min() < 0.9 and spread.max() > 1.05  # less and more contrast
+    np.testing.assert_allclose(stretched[spread < 1].mean(axis=(1, 2, 3)), ramp.mean(), atol=0.01)  # about the image's mean
+    both = data.augmenter({"rotation": 0.03, "translation": 0.05, "zoom": 0.1, "flip": False, "brightness": 0.1,
+                           "contrast": 0.2}, 0)
+    assert [layer.name for layer in both.layers] == ["brightness", "contrast", "affine"]
+
+
 def test_random_affine_flips_zooms_and_rotates_about_the_centre():
     x = np.random.default_rng(1).uniform(0, 255, (16, 20, 20, 1)).astype(np.float32)
     flipped = backend.to_numpy(augment.RandomAffine(flip=True, seed=3)(x))
@@ -69,7 +89,8 @@ def test_random_affine_compiles_inside_a_jax_training_step(tmp_path):
         from cxr import data, training
         model = keras.Sequential([keras.Input((16, 16, 1)), keras.layers.Conv2D(2, 3), keras.layers.GlobalAveragePooling2D(),
                                   keras.layers.Dense(2, activation="softmax")])
-        aug = data.augmenter({"rotation": 0.03, "translation": 0.05, "zoom": 0.1, "flip": True}, 0)
+        aug = data.augmenter({"rotation": 0.03, "translation": 0.05, "zoom": 0.1, "flip": True, "brightness": 0.1,
+                              "contrast": 0.2}, 0)
         trained = training.augmented(model, aug)
         trained.compile(optimizer="adam", loss="categorical_crossentropy", jit_compile=True)
         x = np.random.default_rng(0).integers(0, 256, (20, 16, 16), dtype=np.uint8)
@@ -77,7 +98,8 @@ def test_random_affine_compiles_inside_a_jax_training_step(tmp_path):
         trained.fit(data.batches(x, y, 8, shuffle=True), epochs=1, verbose=0)
         print(trained.jit_compile, len(trained.layers))
     """)
-    assert out.split() == ["True", "3"]  # compiled: Keras' own random affine layers would make it fall back to eager
+    # compiled, exposure layers included: Keras' own random affine layers would make it fall back to eager
+    assert out.split() == ["True", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +212,7 @@ FINETUNE_RECIPE = """
     import keras, numpy as np
     from test_training import CLASSES, _live, _params, _splits
     from cxr import inference, models, training
-    p = _params(**{{"train.augment": {{"rotation": 0, "translation": 0, "zoom": 0, "flip": False}},
+    p = _params(**{{"train.augment": {{"rotation": 0, "translation": 0, "zoom": 0, "flip": False, "brightness": 0, "contrast": 0}},
                     "finetune.epochs": 3, "finetune.warmup_epochs": 1, "finetune.label_smoothing": 0.1,
                     "finetune.learning_rate": 3e-4}})
     s = _splits(n=24)

@@ -65,6 +65,8 @@ def test_round_trip_copy_is_valid(tmp_path, base):
     ("evaluate.bootstrap", _DELETE, "evaluate.bootstrap"),
     ("clean", _DELETE, "clean."),
     ("train.l2", -0.1, "train.l2"),
+    ("train.augment.brightness", 0.6, "train.augment.brightness"),
+    ("train.augment.contrast", -0.1, "train.augment.contrast"),
     ("finetune.unfreeze_from", 30, "finetune.unfreeze_from"),
     ("finetune.unfreeze_from", "", "finetune.unfreeze_from"),
     ("finetune.views", -1, "finetune.views"),

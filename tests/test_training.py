@@ -172,7 +172,8 @@ def test_split_backbone_composes_to_the_backbone():
 def test_finetune_on_cached_views_trains_the_top_blocks_of_the_full_model(tmp_path):
     s = _splits()
     p = _params(**{"finetune.unfreeze_from": "block_15", "finetune.views": 2, "finetune.epochs": 3, "finetune.patience": 3,
-                   "finetune.mixup": 0.4})  # mixup too: deterministic as well
+                   "finetune.mixup": 0.4,  # mixup and exposure augmentation too: deterministic as well
+                   "train.augment": {"rotation": 0.03, "translation": 0.05, "zoom": 0.1, "flip": False, "brightness": 0.1, "contrast": 0.2}})
     model, _ = training.baseline(p, CLASSES, s, _live(tmp_path / "a"))
     path = tmp_path / "baseline.keras"
     training.save(model, path, training.model_info(p, CLASSES, "COVID"))
