@@ -5,6 +5,7 @@ cxr.network says why one failed and probes whether a server can be reached.
 """
 from __future__ import annotations
 
+import bz2
 import errno
 import gzip
 import hashlib
@@ -32,6 +33,9 @@ DEFAULT_MAX_BYTES = 20_000_000_000
 DEFAULT_MAX_RATIO = 100.0
 RATIO_FLOOR = 16 * 2**20   # below this many bytes unpacked, a high compression ratio is harmless (text, blank images)
 CHUNK = 2**20
+MAX_MEMBERS = 500_000        # members an archive may hold (the full radiography database has ~42k files)
+MAX_TAR_HEADER = 2**20       # bytes of a tar member's long name or pax record
+EXTENDED_HEADERS = (b"L", b"K", b"x", b"g", b"X")  # GNU long name / link name, pax local and global, Solaris pax
 
 
 def _unsafe_member(name: str) -> bool:
@@ -56,6 +60,8 @@ def _check_totals(archive: Path, total: int, max_bytes: int, max_ratio: float) -
 def _extract_zip(archive: Path, target: Path, max_bytes: int, max_ratio: float) -> None:
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
+        if len(infos) > MAX_MEMBERS:
+            raise UserError(f"{archive}: refusing to extract, more than {MAX_MEMBERS:,} members")
         total = 0
         for info in infos:
             is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
@@ -69,6 +75,12 @@ def _extract_zip(archive: Path, target: Path, max_bytes: int, max_ratio: float) 
                                 f"{info.file_size / max(info.compress_size, 1):,.0f} times its size (over "
                                 f"download.max_ratio={max_ratio:g}): a decompression bomb, or raise download.max_ratio")
         _check_totals(archive, total, max_bytes, max_ratio)
+        seen = set()
+        for info in infos:
+            if not info.is_dir():
+                if _member_key(info.filename) in seen:
+                    raise _listed_twice(archive, info.filename)
+                seen.add(_member_key(info.filename))
         written = 0
         for info in infos:
             parts = [q for q in PurePosixPath(info.filename.replace("\\", "/")).parts if q not in ("", ".")]
@@ -91,13 +103,72 @@ def _extract_zip(archive: Path, target: Path, max_bytes: int, max_ratio: float) 
                     out.write(chunk)
 
 
+def _member_key(name: str) -> str:
+    """A member's path as it lands in the target: separators unified, '' and '.' parts dropped."""
+    return "/".join(q for q in PurePosixPath(name.replace("\\", "/")).parts if q not in ("", "."))
+
+
+def _listed_twice(archive: Path, name: str) -> UserError:
+    return UserError(f"{archive}: member {name[:200]!r} is listed twice (one copy would silently replace the other); "
+                     "repack the archive")
+
+
+def _open_stream(archive: Path):
+    """The archive's bytes, decompressed as they are read (gzip, bzip2, xz or none, by its magic number)."""
+    with open(archive, "rb") as f:
+        magic = f.read(6)
+    if magic.startswith(b"\x1f\x8b"):
+        return gzip.open(archive, "rb")
+    if magic.startswith(b"BZh"):
+        return bz2.open(archive, "rb")
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return lzma.open(archive, "rb")
+    return open(archive, "rb")
+
+
+def _tar_number(field: bytes) -> int | None:
+    """A tar header's numeric field: octal digits, or GNU base-256 (high bit set); None when malformed."""
+    if field[:1] == b"\x80":
+        return int.from_bytes(field[1:], "big")
+    digits = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(digits or b"0", 8)
+    except ValueError:
+        return None
+
+
+def _scan_tar_headers(archive: Path) -> None:
+    """Read the tar's raw 512-byte headers, skipping member data, before tarfile sees them: tarfile reads a GNU
+    long name or a pax header whole into memory and keeps one object per member, so a few kilobytes of compressed
+    headers could otherwise claim gigabytes. Refuse extended headers over MAX_TAR_HEADER bytes and archives of
+    more than MAX_MEMBERS members; malformed headers are left to tarfile to report."""
+    members = 0
+    with _open_stream(archive) as f:
+        while len(block := f.read(512)) == 512 and block.strip(b"\0"):
+            size = _tar_number(block[124:136])
+            if size is None:
+                return
+            members += 1
+            if members > MAX_MEMBERS:
+                raise UserError(f"{archive}: refusing to extract, more than {MAX_MEMBERS:,} members")
+            if block[156:157] in EXTENDED_HEADERS and size > MAX_TAR_HEADER:
+                raise UserError(f"{archive}: refusing to extract, an extended header (long name or pax record) of "
+                                f"{size:,} bytes, over {MAX_TAR_HEADER:,}: a malformed or malicious archive")
+            f.seek(-(-size // 512) * 512, os.SEEK_CUR)
+
+
 def _extract_tar(archive: Path, target: Path, max_bytes: int, max_ratio: float) -> None:
+    _scan_tar_headers(archive)
     with tarfile.open(archive) as tf:
-        total = 0
+        total, seen = 0, set()
         for m in tf:  # lazily: a bomb is refused before its data is read
             if _unsafe_member(m.name) or not (m.isfile() or m.isdir()):
-                raise UserError(f"{archive}: refusing unsafe archive member {m.name!r} (path escapes the target, "
+                raise UserError(f"{archive}: refusing unsafe archive member {m.name[:200]!r} (path escapes the target, "
                                 f"or a link, device or pipe)")
+            if m.isfile():
+                if _member_key(m.name) in seen:
+                    raise _listed_twice(archive, m.name)
+                seen.add(_member_key(m.name))
             total += m.size
             if total > max_bytes:
                 raise _too_big(archive, "uncompressed size", total, max_bytes, "max_bytes")
@@ -122,6 +193,10 @@ def safe_extract(archive: Path, target: Path, max_bytes: int = DEFAULT_MAX_BYTES
         detail = " ".join(str(err).split())[:200] or type(err).__name__
         raise UserError(f"{archive}: corrupt, truncated or unsupported archive ({detail})") from None
     except OSError as err:
+        if err.errno == errno.ENAMETOOLONG:
+            raise UserError(f"{archive}: a member's name is too long for this file system; repack the archive") from None
+        if err.errno in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise UserError(f"{archive}: a file and a folder of the same name among its members; repack the archive") from None
         if err.errno is None:  # raised by the decompressor (bad data), not by the file system
             raise UserError(f"{archive}: corrupt or truncated archive ({' '.join(str(err).split())[:200]})") from None
         raise

@@ -37,9 +37,10 @@ class Missing(Exception):
 # --- where a set's data is ------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def opened(entry: dict) -> Iterator[Path]:
-    """The set's data as a folder: a local folder in place; an archive extracted, or the demo generated, into a
-    temporary folder removed afterwards. Missing if the data is not there."""
+def opened(entry: dict, limits: dict | None = None) -> Iterator[Path]:
+    """The set's data as a folder: a local folder in place; an archive extracted (within `limits`, params
+    `download`: max_bytes, max_ratio), or the demo generated, into a temporary folder removed afterwards.
+    Missing if the data is not there."""
     record = download.external_origin(entry)
     if "missing" in record:
         raise Missing(record["missing"])
@@ -53,7 +54,8 @@ def opened(entry: dict) -> Iterator[Path]:
                                                          "bad_files": False, "shortcut": "none"})
         else:
             root.mkdir()
-            download.safe_extract(Path(record["path"]), root)
+            download.safe_extract(Path(record["path"]), root, **{k: limits[k] for k in ("max_bytes", "max_ratio")}
+                                  if limits else {})
         yield root
 
 
@@ -129,12 +131,14 @@ def summary(targets: np.ndarray, proba: np.ndarray, classes: list[str], positive
 
 # --- the stage ------------------------------------------------------------------------------------
 
-def score_set(entry: dict, forward_fn, info: dict, op: dict, cfg: dict, ev: dict, clean_cfg: dict) -> tuple[dict, list[dict]]:
-    """One set through the model: (its metrics with counts that add up, ROC points of the positive class)."""
+def score_set(entry: dict, forward_fn, info: dict, op: dict, cfg: dict, ev: dict, clean_cfg: dict,
+              download_cfg: dict | None = None) -> tuple[dict, list[dict]]:
+    """One set through the model: (its metrics with counts that add up, ROC points of the positive class);
+    an archive is extracted within `download_cfg`'s limits (params `download`)."""
     classes = info["classes"]
     if entry["source"] == info.get("dataset") and not sources.get(entry["source"]).generated:
         log.warning("%s: the model was trained on %s; its images are not external to it", entry["name"], entry["source"])
-    with opened(entry) as root:
+    with opened(entry, download_cfg) as root:
         recs, drops = records(entry, root)
         kept, targets, unmapped = map_labels(recs, entry["map"], classes, f"external.sets ({entry['name']}).map", op["class"])
         absent = sorted(set(entry["map"]) - {r.label for r in recs})
@@ -187,9 +191,11 @@ def own_data(entry: dict, dataset: str | None) -> str | None:
 
 def run(cfg: dict, ev: dict, clean_cfg: dict, classes: list[str], model_path: Path = paths.FINETUNED,
         out: Path = paths.EXTERNAL_METRICS, plots_out: Path = paths.EXTERNAL_PLOTS,
-        reports_out: Path = paths.EXTERNAL_REPORTS, dataset: str | None = None) -> dict[str, dict]:
+        reports_out: Path = paths.EXTERNAL_REPORTS, dataset: str | None = None,
+        download_cfg: dict | None = None) -> dict[str, dict]:
     """The external stage (`cfg`: params `external`; `ev`: `evaluate`, for its fixed rates and bootstrap;
-    `clean_cfg`: `clean`, for the decoding limits and workers): every set -> its figures in out/<name>.json, the
+    `clean_cfg`: `clean`, for the decoding limits and workers; `download_cfg`: `download`, for an archive's
+    limits): every set -> its figures in out/<name>.json, the
     whole record (counts that add up, bootstrap CIs, class and threshold) in reports_out/<name>.json, ROC points
     in plots_out/<name>.json; the shortcut probes on the test split -> out/probes.json (and reports_out/). A set
     whose data is missing is skipped (`{"skipped": reason}`) or, with `external.missing: error`, an error; a set
@@ -209,7 +215,7 @@ def run(cfg: dict, ev: dict, clean_cfg: dict, classes: list[str], model_path: Pa
             skipped = own_data(entry, dataset)  # skipped whatever external.missing says
             if skipped is None:
                 try:
-                    result, roc = score_set(entry, forward_fn, info, op, cfg, ev, clean_cfg)
+                    result, roc = score_set(entry, forward_fn, info, op, cfg, ev, clean_cfg, download_cfg)
                 except Missing as why:
                     if cfg["missing"] == "error":
                         raise UserError(f"external set {name}: {why}") from None

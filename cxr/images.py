@@ -76,6 +76,9 @@ def square(gray: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+# The raster formats radiographs come in; Pillow would otherwise also open e.g. EPS (run through Ghostscript),
+# PDF-like and exotic formats whatever a file's name says.
+FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP")  # JPEG includes multi-picture (MPO) files
 DEFAULT_MAX_PIXELS = 60_000_000  # the default of params.yaml clean.max_pixels and predict's --max-pixels
 DEFAULT_MAX_ASPECT_RATIO = 4.0   # chest radiographs are at most ~1:2.3 in both collections
 DEFAULT_MIN_SIDE = 1
@@ -124,7 +127,7 @@ def decode(path: str | Path, size: int, mode: str = "pad", max_pixels: int = DEF
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(path) as img:
+            with Image.open(path, formats=FORMATS) as img:
                 check_size(*img.size, max_pixels, max_aspect_ratio, min_side, style)
                 img = ImageOps.exif_transpose(img)
                 img.load()
@@ -132,7 +135,7 @@ def decode(path: str | Path, size: int, mode: str = "pad", max_pixels: int = DEF
         except DecodeError:
             raise
         except UnidentifiedImageError:
-            raise DecodeError("not_an_image", "Pillow cannot identify the file as an image") from None
+            raise DecodeError("not_an_image", "not a PNG, JPEG, BMP, TIFF, GIF or WebP image") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             raise DecodeError("decompression_bomb", _bomb_detail(err, max_pixels, style)) from None
         except MemoryError:

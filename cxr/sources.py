@@ -7,7 +7,9 @@ A new source is one `Source` subclass in SOURCES and one `datasets.<name>` block
 """
 from __future__ import annotations
 
+import configparser
 import errno
+import functools
 import io
 import os
 import re
@@ -43,11 +45,48 @@ def _rel(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
+def _config_cache_dir(dvc_dir: Path) -> str | None:
+    """`cache.dir` as set in `.dvc/config.local` (which wins) or `.dvc/config`; None where neither sets it or
+    a file cannot be read or parsed (then DVC's default applies)."""
+    for name in ("config.local", "config"):
+        parser = configparser.ConfigParser(strict=False, interpolation=None)
+        try:
+            parser.read(dvc_dir / name, encoding="utf-8")
+        except (configparser.Error, OSError, UnicodeDecodeError):
+            continue
+        value = parser.get("cache", "dir", fallback="").strip().strip("\"'")
+        if value:
+            return value
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def dvc_cache_dir(start: str) -> Path | None:
+    """The real DVC cache folder of the project holding `start` (stages run from the repository root): the
+    nearest folder with a `.dvc` folder, upwards; its `.dvc/cache`, or `cache.dir` from its config (a relative
+    one is relative to `.dvc`, as DVC reads it). None outside any DVC project. Cached: read once per process."""
+    here = Path(start).resolve()
+    for folder in (here, *here.parents):
+        dvc_dir = folder / ".dvc"
+        if dvc_dir.is_dir():
+            configured = _config_cache_dir(dvc_dir)
+            return (dvc_dir / os.path.expanduser(configured) if configured else dvc_dir / "cache").resolve()
+    return None
+
+
 def _in_dvc_cache(target: Path) -> bool:
-    """A file of a DVC cache (`.../ab/cdef0123...`): DVC's symlink and hardlink cache types link outputs there."""
+    """A file of this project's DVC cache (`<cache>/.../ab/cdef0123...`): DVC's symlink and hardlink cache types
+    link outputs there. The name alone is not enough: a link to any such name elsewhere would leave the dataset."""
     hexdigits = set("0123456789abcdef")
-    return len(target.parent.name) == 2 and set(target.parent.name) <= hexdigits and len(target.name) >= 30 \
+    shaped = len(target.parent.name) == 2 and set(target.parent.name) <= hexdigits and len(target.name) >= 30 \
         and set(target.name.split(".")[0]) <= hexdigits
+    if not shaped:
+        return False
+    try:
+        cache = dvc_cache_dir(os.getcwd())
+    except OSError:  # the working directory is gone: no project, no cache
+        return False
+    return cache is not None and target.is_relative_to(cache)
 
 
 def outside(path: Path, root: Path) -> str | None:
@@ -163,12 +202,23 @@ def _norm(name: str) -> str:
 RADIOGRAPHY_CLASSES = ("COVID", "Normal", "Viral Pneumonia", "Lung_Opacity")
 
 
+def _real_folders(raw: Path) -> list[Path]:
+    """raw and every folder inside it, sorted; never a linked folder nor one reached through it (scan() drops
+    those), so a link to class folders elsewhere cannot pass for the dataset."""
+    found = []
+    for dirpath, dirnames, _ in os.walk(raw):  # followlinks=False
+        here = Path(dirpath)
+        dirnames[:] = [n for n in dirnames if not (here / n).is_symlink()]
+        found.extend(here / n for n in dirnames)
+    return [raw] + sorted(found)
+
+
 def _radiography_root(raw: Path) -> Path:
-    """The folder holding the class folders, in the current or the older archive layout."""
+    """The folder holding the class folders, in the current or the older archive layout; only real folders
+    count, as only their files become records."""
     known = {_norm(c) for c in RADIOGRAPHY_CLASSES}
-    candidates = [raw] + sorted(p for p in raw.rglob("*") if p.is_dir())
-    for d in candidates:
-        subdirs = {_norm(p.name) for p in d.iterdir() if p.is_dir()}
+    for d in _real_folders(raw):
+        subdirs = {_norm(p.name) for p in d.iterdir() if p.is_dir() and not p.is_symlink()}
         if len(subdirs & known) >= 2:
             return d
     raise UserError(
@@ -294,9 +344,14 @@ def demo(raw: Path, classes: list[str]) -> tuple[list[Record], list[Drop]]:
         named_lungs = getattr(row, "lungs", "")
         lungs, lungs_refused = _named(raw, raw, named_lungs) if named_lungs else (None, None)
         refusal = refused or mask_refused or lungs_refused
-        if refusal or not row.file:
-            drops.append(Drop(row.file, "outside_dataset", f"named in metadata.csv: {refusal}; refused")
-                         if refusal else Drop(row.file, "missing_file", "metadata.csv names no file"))
+        if not row.file:
+            drops.append(Drop(row.file, "missing_file", "metadata.csv names no file"))
+            continue
+        if refusal:
+            if not refused:  # its own image is in the dataset: this is its one drop, not a second 'unlabeled'
+                referenced.add(path)
+            drops.append(Drop(row.file if refused else _rel(path, raw), "outside_dataset",
+                              f"named in metadata.csv: {refusal}; refused"))
             continue
         rel = _rel(path, raw)
         referenced.add(path)

@@ -13,7 +13,8 @@ from cxr.errors import cli  # noqa: E402
 @cli
 def main() -> None:
     p = params.load(sources=sources.SOURCES)  # external sets name registered sources
-    external.run(p["external"], p["evaluate"], p["clean"], params.dataset(p)["classes"], dataset=p["dataset"])
+    external.run(p["external"], p["evaluate"], p["clean"], params.dataset(p)["classes"], dataset=p["dataset"],
+                 download_cfg=p["download"])
 
 
 if __name__ == "__main__":

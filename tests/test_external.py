@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -208,6 +209,18 @@ def test_a_missing_local_copy_is_recorded_and_skipped(monkeypatch, tmp_path):
     with pytest.raises(external.Missing, match="holds neither"):
         with external.opened(entry):
             pass
+
+
+def test_an_archived_set_is_extracted_within_the_download_limits(monkeypatch, tmp_path):
+    entry = {"name": "ieee8023", "source": "covid-chestxray", "map": {"COVID-19": "COVID"}}
+    with zipfile.ZipFile(tmp_path / "covid-chestxray.zip", "w") as zf:
+        zf.writestr("covid-chestxray/metadata.csv", b"x" * 3000)
+    monkeypatch.setenv(download.ENV, str(tmp_path))
+    with pytest.raises(UserError, match=r"download\.max_bytes=1,000"):
+        with external.opened(entry, {"max_bytes": 1000, "max_ratio": 100}):
+            pass
+    with external.opened(entry, {"max_bytes": 10_000, "max_ratio": 100}) as root:
+        assert (root / "covid-chestxray" / "metadata.csv").stat().st_size == 3000
 
 
 def _folder_set(root: Path) -> Path:

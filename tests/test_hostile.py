@@ -258,6 +258,94 @@ def test_tar_gz_bomb_is_refused(tmp_path):
     assert list(target.iterdir()) == []
 
 
+def _archive(arc: Path, kind: str, members: list[tuple[str, bytes]]) -> Path:
+    """A zip or tar.gz of (name, data) members, written as given (names not normalised)."""
+    if kind == "zip":
+        with zipfile.ZipFile(arc, "w") as zf:
+            for name, data in members:
+                zf.writestr(zipfile.ZipInfo(name), data)
+    else:
+        with tarfile.open(arc, "w:gz") as tf:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return arc
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "pax", "bz2"])
+def test_a_huge_tar_long_name_is_refused_before_tarfile_reads_it(tmp_path, fmt):
+    # tarfile would read a long name or pax record whole into memory: a few KB of headers claiming gigabytes
+    arc = tmp_path / ("bomb.tar.bz2" if fmt == "bz2" else "bomb.tar.gz")
+    with tarfile.open(arc, "w:bz2" if fmt == "bz2" else "w:gz",
+                      format=tarfile.PAX_FORMAT if fmt == "pax" else tarfile.GNU_FORMAT) as tf:
+        tf.addfile(tarfile.TarInfo("ds/ok.txt"))
+        tf.addfile(tarfile.TarInfo("ds/" + "a" * (download.MAX_TAR_HEADER + 1)))
+    assert arc.stat().st_size < 20_000
+    target = tmp_path / "out"
+    target.mkdir()
+    with pytest.raises(UserError, match="an extended header .* over 1,048,576") as info:
+        download.safe_extract(arc, target)
+    assert len(str(info.value)) < 400 and list(target.iterdir()) == []
+    ok = tmp_path / "long-ok.tar.gz"  # a long name under the limit is an ordinary member
+    with tarfile.open(ok, "w:gz", format=tarfile.GNU_FORMAT) as tf:
+        info = tarfile.TarInfo("ds/" + "b" * 150 + ".txt")
+        info.size = 2
+        tf.addfile(info, io.BytesIO(b"ok"))
+    download.safe_extract(ok, target)
+    assert (target / "ds" / ("b" * 150 + ".txt")).read_bytes() == b"ok"
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_an_archive_of_too_many_members_is_refused(tmp_path, monkeypatch, kind):
+    monkeypatch.setattr(download, "MAX_MEMBERS", 5)  # the real cap, 500,000, takes too long to build here
+    arc = tmp_path / f"many.{kind}"
+    names = [f"ds/d{i}/" for i in range(6)]
+    if kind == "zip":
+        with zipfile.ZipFile(arc, "w") as zf:
+            for n in names:
+                zf.writestr(n, b"")
+    else:
+        with tarfile.open(arc, "w:gz") as tf:
+            for n in names:
+                info = tarfile.TarInfo(n)
+                info.type = tarfile.DIRTYPE
+                tf.addfile(info)
+    target = tmp_path / "out"
+    target.mkdir()
+    with pytest.raises(UserError, match="more than 5 members"):
+        download.safe_extract(arc, target)
+    assert list(target.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_an_archive_listing_a_file_twice_is_refused_not_silently_merged(tmp_path, kind):
+    arc = _archive(tmp_path / f"twice.{kind}", kind, [("ds/a.png", b"first"), ("ds/b.png", b"b"), ("./ds//a.png", b"second")])
+    target = tmp_path / "out"
+    target.mkdir()
+    with pytest.raises(UserError, match="'./ds//a.png' is listed twice"):
+        download.safe_extract(arc, target)
+    assert list(target.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_a_file_and_a_folder_of_one_name_are_one_clear_error(tmp_path, kind):
+    arc = _archive(tmp_path / f"clash.{kind}", kind, [("ds/a", b"a file"), ("ds/a/b.png", b"below it")])
+    with pytest.raises(UserError, match="a file and a folder of the same name"):
+        download.safe_extract(arc, tmp_path / "out")
+
+
+def test_only_raster_formats_are_decoded_whatever_the_name_says(tmp_path):
+    # Pillow also opens e.g. PPM, ICO or EPS (the last through Ghostscript); a radiograph is none of them
+    ppm = tmp_path / "scan.png"
+    Image.new("L", (64, 64), 128).save(ppm, format="PPM")
+    with pytest.raises(images.DecodeError) as info:
+        images.decode(ppm, 32)
+    assert info.value.reason == "not_an_image" and "PNG, JPEG" in str(info.value)
+    Image.new("L", (64, 64), 128).save(tmp_path / "scan.tif", format="TIFF")
+    assert images.decode(tmp_path / "scan.tif", 32).shape == (32, 32)
+
+
 def _encrypted_zip(path: Path) -> Path:
     """A zip whose member is flagged as encrypted (Python cannot write real ZipCrypto; reading it asks for a password)."""
     with zipfile.ZipFile(path, "w") as zf:

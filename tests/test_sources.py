@@ -126,6 +126,24 @@ def test_radiography_unknown_class_is_user_error(current_layout):
         sources.radiography(current_layout, ["COVID", "Bacterial"])
 
 
+
+def test_radiography_ignores_linked_class_folders(current_layout, tmp_path):
+    # class folders elsewhere, reached through a linked folder and through linked class folders in a real one:
+    # sorted before the real dataset folder, they must not pass for the dataset root
+    elsewhere = tmp_path / "elsewhere"
+    for cls in ("COVID", "Normal"):
+        _png(elsewhere / cls / "x.png")
+    (current_layout / "0link").symlink_to(elsewhere, target_is_directory=True)
+    (current_layout / "0decoy").mkdir()
+    for cls in ("COVID", "Normal"):
+        (current_layout / "0decoy" / cls).symlink_to(elsewhere / cls, target_is_directory=True)
+    records, drops = sources.radiography(current_layout, CLASSES3)
+    assert Counter(r.label for r in records) == {"COVID": 3, "Normal": 4, "Viral Pneumonia": 2}
+    assert all(r.file.startswith(f"{CURRENT}/") for r in records)
+    links = {d.file for d in drops if d.reason == "link"}
+    assert links == {"0link", "0decoy/COVID", "0decoy/Normal"}
+    _check_accounting(current_layout, records, [d for d in drops if d.file not in links])
+
 # --- ieee8023 covid-chestxray --------------------------------------------------------------------
 
 CX_CLASSES = ["COVID-19", "non-COVID"]
@@ -239,6 +257,98 @@ def test_chestxray_missing_columns_is_user_error(tmp_path):
 def test_is_covid_finding(finding, expected):
     assert is_covid_finding(finding) is expected
 
+
+
+# --- demo ----------------------------------------------------------------------------------------
+
+def test_demo_refused_mask_drops_its_image_once_and_empty_file_is_missing(tmp_path):
+    raw = tmp_path / "raw"
+    for name in ("a", "b", "c"):
+        _png(raw / "images" / f"{name}.png")
+    _png(raw / "masks" / "a.png", 255)
+    (raw / "metadata.csv").write_text(
+        "file,label,patientid,mask,lungs\n"
+        "images/a.png,COVID,p1,masks/a.png,\n"
+        "images/b.png,COVID,p2,../../etc/passwd,\n"      # a mask outside: the image is dropped, once
+        "images/c.png,Normal,p3,,../outside.png\n"       # lungs outside: likewise
+        ",Normal,p4,,\n"                                  # no file named at all
+    )
+    records, drops = sources.demo(raw, ["COVID", "Normal"])
+    assert [(r.file, r.mask) for r in records] == [("images/a.png", "masks/a.png")]
+    by_file = {d.file: d for d in drops}
+    assert by_file[""].reason == "missing_file" and by_file[""].detail == "metadata.csv names no file"
+    for name in ("images/b.png", "images/c.png"):
+        assert by_file[name].reason == "outside_dataset"
+        assert "leaves the dataset folder" in by_file[name].detail
+    named = [d for d in drops if d.file]
+    _check_accounting(raw, records, named + [sources.Drop("metadata.csv", "read")])
+    assert Counter(d.reason for d in drops) == {"outside_dataset": 2, "missing_file": 1}
+
+
+# --- links into DVC's cache ------------------------------------------------------------------------
+
+HEX = "0123456789abcdef" * 2
+
+
+@pytest.fixture
+def dvc_repo(tmp_path, monkeypatch):
+    """A project folder with `.dvc/` as the working directory (as stages run), its cache location read afresh."""
+    repo = tmp_path / "repo"
+    (repo / ".dvc").mkdir(parents=True)
+    monkeypatch.chdir(repo)
+    sources.dvc_cache_dir.cache_clear()
+    yield repo
+    sources.dvc_cache_dir.cache_clear()
+
+
+def _linked(raw: Path, target: Path) -> Path:
+    """raw/images/x.png, a link to target (a real image there, named as DVC's cache names it: no suffix)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (8, 8), 128).save(target, format="PNG")
+    link = raw / "images" / "x.png"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+    return link
+
+
+def test_link_to_a_cache_shaped_name_outside_dvc_cache_leaves_the_dataset(dvc_repo, tmp_path):
+    raw = dvc_repo / "data" / "raw"
+    _linked(raw, tmp_path / "anywhere" / "ab" / f"{HEX}.png")
+    files, drops = sources.scan(raw)
+    assert files == []
+    assert drops == [sources.Drop("images/x.png", "outside_dataset", "a link to a file outside the dataset folder")]
+
+
+def test_link_into_the_default_dvc_cache_is_a_dataset_file(dvc_repo, monkeypatch):
+    raw = dvc_repo / "data" / "raw"
+    link = _linked(raw, dvc_repo / ".dvc" / "cache" / "files" / "md5" / "ab" / HEX)
+    (dvc_repo / "data" / "sub").mkdir()
+    for cwd in (dvc_repo, dvc_repo / "data" / "sub"):  # the project is found upwards from the working directory
+        monkeypatch.chdir(cwd)
+        assert sources.scan(raw) == ([link], [])
+
+
+@pytest.mark.parametrize("config,value", [
+    ("config", "../../store"),             # relative to .dvc, as DVC reads it
+    ("config", "{store}"),                 # absolute
+    ("config.local", "{store}"),           # the local config wins over config
+])
+def test_link_into_a_configured_dvc_cache_is_a_dataset_file(dvc_repo, tmp_path, config, value):
+    store = tmp_path / "store"
+    (dvc_repo / ".dvc" / "config").write_text("[core]\n    autostage = true\n[cache]\n    dir = /elsewhere\n")
+    (dvc_repo / ".dvc" / config).write_text(f"[cache]\n    dir = {value.format(store=store)}\n    type = symlink\n")
+    raw = dvc_repo / "data" / "raw"
+    link = _linked(raw, store / "files" / "md5" / "ab" / HEX)
+    assert sources.scan(raw) == ([link], [])
+    assert sources.dvc_cache_dir(str(dvc_repo)) == store.resolve()
+
+
+def test_unreadable_dvc_config_falls_back_to_the_default_cache(dvc_repo):
+    (dvc_repo / ".dvc" / "config").write_text("[cache\n dir = = /elsewhere\n\x00")
+    assert sources.dvc_cache_dir(str(dvc_repo)) == (dvc_repo / ".dvc" / "cache").resolve()
+    (dvc_repo / ".dvc" / "config").write_bytes(b"[cache]\ndir = \xff\xfe\n")
+    sources.dvc_cache_dir.cache_clear()
+    assert sources.dvc_cache_dir(str(dvc_repo)) == (dvc_repo / ".dvc" / "cache").resolve()
 
 # --- the registry ------------------------------------------------------------------------------
 
