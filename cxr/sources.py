@@ -145,7 +145,8 @@ def _all_files(root: Path) -> list[Path]:
     return scan(root)[0]
 
 
-MAX_TABLE_BYTES = 512 * 2**20
+# pandas holds a table in ~16 times its bytes: 64 MiB (ieee8023's metadata.csv is under 1 MB) bounds it near 1 GB
+MAX_TABLE_BYTES = 64 * 2**20
 
 
 def read_table(path: Path, required: set[str]) -> pd.DataFrame:
@@ -154,7 +155,7 @@ def read_table(path: Path, required: set[str]) -> pd.DataFrame:
     try:
         size = path.stat().st_size
         if size > MAX_TABLE_BYTES:
-            raise UserError(f"{path}: {size} bytes is too large for a metadata table")
+            raise UserError(f"{path}: {size:,} bytes is too large for a metadata table (at most {MAX_TABLE_BYTES:,})")
         data = path.read_bytes()
     except OSError as err:
         raise UserError(f"{path}: cannot read it ({err.strerror or err})") from None

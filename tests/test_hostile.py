@@ -435,6 +435,17 @@ def test_bad_metadata_csv_is_one_clear_line(tmp_path, content, match):
     assert "\n" not in str(info.value)
 
 
+def test_an_oversized_metadata_csv_is_refused_before_it_is_read(tmp_path):
+    raw = tmp_path / "raw"
+    (raw / "images").mkdir(parents=True)
+    row = b"1,COVID-19,PA,X-ray,a.png\n"
+    with open(raw / "metadata.csv", "wb") as f:
+        f.write(b"patientid,finding,view,modality,filename\n")
+        f.write(row * (sources.MAX_TABLE_BYTES // len(row) + 1))
+    with pytest.raises(UserError, match=r"too large for a metadata table \(at most 67,108,864\)"):
+        sources.load("covid-chestxray", raw, CX)
+
+
 def test_short_metadata_rows_and_na_names_are_read_as_written(tmp_path):
     raw = tmp_path / "raw"
     for name in ("NA.png", "nan.png", "None.png"):
