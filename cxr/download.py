@@ -213,8 +213,8 @@ def copy_tree(src: Path, dst: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> list[
     def copy(from_path: str | Path, rel: PurePosixPath) -> None:
         nonlocal copied
         out = dst.joinpath(*rel.parts)
-        out.parent.mkdir(parents=True, exist_ok=True)
         try:
+            out.parent.mkdir(parents=True, exist_ok=True)
             with open(from_path, "rb") as f_in, open(out, "wb") as f_out:
                 while chunk := f_in.read(CHUNK):
                     copied += len(chunk)
@@ -224,6 +224,10 @@ def copy_tree(src: Path, dst: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> list[
         except PermissionError as err:
             out.unlink(missing_ok=True)
             drops.append(Drop(rel.as_posix(), "unreadable", err.strerror or "permission denied"))
+        except OSError as err:
+            if err.errno != errno.ENAMETOOLONG:  # a full disk, say, is an error, not a drop
+                raise
+            drops.append(Drop(rel.as_posix(), "unreadable", f"a path too long for this system: {err.strerror}"))
 
     def walk(folder: Path, rel: PurePosixPath) -> None:
         try:
@@ -249,7 +253,13 @@ def copy_tree(src: Path, dst: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> list[
                 else:
                     drops.append(Drop(r.as_posix(), "not_a_regular_file", "a link to a pipe, socket or device"))
             elif e.is_dir(follow_symlinks=False):
-                dst.joinpath(*r.parts).mkdir(parents=True, exist_ok=True)
+                try:
+                    dst.joinpath(*r.parts).mkdir(parents=True, exist_ok=True)
+                except OSError as err:
+                    if err.errno != errno.ENAMETOOLONG:
+                        raise
+                    drops.append(Drop(r.as_posix(), "unreadable", f"a path too long for this system: {err.strerror}"))
+                    continue
                 walk(Path(e.path), r)
             elif e.is_file(follow_symlinks=False):
                 copy(e.path, r)
@@ -323,10 +333,18 @@ def stat_fingerprint(path: Path) -> dict:
     """A cheap identity of a local copy: file count, bytes, and one sha256 over every file's relative path, size
     and modification time (stat only, links not followed), so an edited, added or removed file changes it."""
     h, n, size = hashlib.sha256(), 0, 0
-    entries = [path] if path.is_file() else sorted(q for q in path.rglob("*") if not q.is_dir() or q.is_symlink())
+    if path.is_file():
+        entries = [path]
+    else:  # os.walk, not rglob: a folder it cannot list (a path too long, say) is left out, not an error
+        entries = sorted(Path(d) / name for d, dirs, files in os.walk(path)
+                         for name in files + [x for x in dirs if os.path.islink(os.path.join(d, x))])
     for q in entries:
-        st = q.lstat()
         rel = q.name if q == path else q.relative_to(path).as_posix()
+        try:
+            st = q.lstat()
+        except OSError:  # named, but beyond what the system can stat: its name still counts
+            h.update(f"{rel}\0unreadable\0".encode("utf-8", "surrogateescape"))
+            continue
         h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0".encode("utf-8", "surrogateescape"))
         n, size = n + 1, size + st.st_size
     return {"files": n, "bytes": size, "stat_sha256": h.hexdigest()}

@@ -120,24 +120,40 @@ def _is_file(path: Path) -> bool:
 
 def scan(root: Path) -> tuple[list[Path], list[Drop]]:
     """Every regular file below root, sorted, and a drop for everything else found there: links that leave
-    root or lead nowhere, linked folders (never entered), and special files (pipes, sockets, devices)."""
+    root or lead nowhere, linked folders (never entered), special files (pipes, sockets, devices), and what
+    cannot be read at all (a folder that cannot be listed, a path too long for the system: `unreadable`)."""
     files, drops = [], []
-    for dirpath, dirnames, filenames in os.walk(root):  # followlinks=False: linked folders are listed, not entered
+
+    def unreadable(path: Path, err: OSError, what: str) -> None:
+        drops.append(Drop(_rel(path, root) if path != root else ".", "unreadable", f"{what}: {err.strerror or err}"))
+
+    # followlinks=False: linked folders are listed, not entered
+    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda err: unreadable(Path(err.filename or root), err,
+                                                                     "a folder that cannot be listed")):
         here = Path(dirpath)
-        for name in dirnames:
-            if (here / name).is_symlink():
+        for name in list(dirnames):
+            try:
+                linked = (here / name).is_symlink()
+            except OSError as err:  # e.g. the path is longer than the system allows
+                dirnames.remove(name)
+                unreadable(here / name, err, "a folder that cannot be read")
+                continue
+            if linked:
                 drops.append(Drop(_rel(here / name, root), "link", "a linked folder: not followed"))
         for name in filenames:
             path = here / name
-            why = outside(path, root) if path.is_symlink() else None
-            if why:
-                drops.append(Drop(_rel(path, root), "outside_dataset", why))
-            elif not path.exists():
-                drops.append(Drop(_rel(path, root), "broken_link", "a link to nothing"))
-            elif not path.is_file():
-                drops.append(Drop(_rel(path, root), "not_a_regular_file", "a pipe, socket or device"))
-            else:
-                files.append(path)
+            try:
+                why = outside(path, root) if path.is_symlink() else None
+                if why:
+                    drops.append(Drop(_rel(path, root), "outside_dataset", why))
+                elif not path.exists():
+                    drops.append(Drop(_rel(path, root), "broken_link", "a link to nothing"))
+                elif not path.is_file():
+                    drops.append(Drop(_rel(path, root), "not_a_regular_file", "a pipe, socket or device"))
+                else:
+                    files.append(path)
+            except OSError as err:
+                unreadable(path, err, "a file that cannot be read")
     return sorted(files), sorted(drops, key=lambda d: d.file)
 
 

@@ -435,6 +435,33 @@ def test_bad_metadata_csv_is_one_clear_line(tmp_path, content, match):
     assert "\n" not in str(info.value)
 
 
+def _deeper_than_the_path_limit(root: Path) -> None:
+    """root/a.png, and 20 nested 250-character folder names (past Linux's 4,096-byte path limit) with a file
+    at the bottom, made relative to open folders as only such a tree can be."""
+    (root / "a.png").write_bytes(b"a")
+    fd = os.open(root, os.O_RDONLY)
+    for _ in range(20):
+        os.mkdir("d" * 250, dir_fd=fd)
+        inner = os.open("d" * 250, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    os.close(os.open("x.png", os.O_CREAT | os.O_WRONLY, dir_fd=fd))
+    os.close(fd)
+
+
+def test_a_folder_tree_past_the_path_limit_is_a_counted_drop_not_an_error(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    _deeper_than_the_path_limit(raw)
+    files, drops = sources.scan(raw)
+    assert files == [raw / "a.png"]
+    assert [(d.reason, d.detail) for d in drops] == [("unreadable", "a folder that cannot be read: File name too long")]
+    copied = download.copy_tree(raw, tmp_path / "copy")
+    assert (tmp_path / "copy" / "a.png").read_bytes() == b"a"
+    assert [(d.reason, d.detail) for d in copied] == [("unreadable", "a path too long for this system: File name too long")]
+    assert download.stat_fingerprint(raw)["files"] == 1  # the source stage's look at a local copy: no error either
+
+
 def test_an_oversized_metadata_csv_is_refused_before_it_is_read(tmp_path):
     raw = tmp_path / "raw"
     (raw / "images").mkdir(parents=True)
