@@ -61,7 +61,7 @@ def _extract_zip(archive: Path, target: Path, max_bytes: int, max_ratio: float) 
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
         if len(infos) > MAX_MEMBERS:
-            raise UserError(f"{archive}: refusing to extract, more than {MAX_MEMBERS:,} members")
+            raise _too_many(archive)
         total = 0
         for info in infos:
             is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
@@ -75,15 +75,13 @@ def _extract_zip(archive: Path, target: Path, max_bytes: int, max_ratio: float) 
                                 f"{info.file_size / max(info.compress_size, 1):,.0f} times its size (over "
                                 f"download.max_ratio={max_ratio:g}): a decompression bomb, or raise download.max_ratio")
         _check_totals(archive, total, max_bytes, max_ratio)
-        seen = set()
+        seen: set[tuple[str, ...]] = set()
         for info in infos:
             if not info.is_dir():
-                if _member_key(info.filename) in seen:
-                    raise _listed_twice(archive, info.filename)
-                seen.add(_member_key(info.filename))
+                _once(archive, info.filename, seen)
         written = 0
         for info in infos:
-            parts = [q for q in PurePosixPath(info.filename.replace("\\", "/")).parts if q not in ("", ".")]
+            parts = _member_parts(info.filename)
             if not parts:
                 continue
             dest = target.joinpath(*parts)
@@ -103,14 +101,23 @@ def _extract_zip(archive: Path, target: Path, max_bytes: int, max_ratio: float) 
                     out.write(chunk)
 
 
-def _member_key(name: str) -> str:
+def _member_parts(name: str) -> tuple[str, ...]:
     """A member's path as it lands in the target: separators unified, '' and '.' parts dropped."""
-    return "/".join(q for q in PurePosixPath(name.replace("\\", "/")).parts if q not in ("", "."))
+    return tuple(q for q in PurePosixPath(name.replace("\\", "/")).parts if q not in ("", "."))
 
 
-def _listed_twice(archive: Path, name: str) -> UserError:
-    return UserError(f"{archive}: member {name[:200]!r} is listed twice (one copy would silently replace the other); "
-                     "repack the archive")
+def _once(archive: Path, name: str, seen: set[tuple[str, ...]]) -> None:
+    """Note a file member's landing path in `seen`; an archive listing one twice is refused (one copy would
+    silently replace the other)."""
+    key = _member_parts(name)
+    if key in seen:
+        raise UserError(f"{archive}: member {name[:200]!r} is listed twice (one copy would silently replace the other); "
+                        "repack the archive")
+    seen.add(key)
+
+
+def _too_many(archive: Path) -> UserError:
+    return UserError(f"{archive}: refusing to extract, more than {MAX_MEMBERS:,} members")
 
 
 def _open_stream(archive: Path):
@@ -150,7 +157,7 @@ def _scan_tar_headers(archive: Path) -> None:
                 return
             members += 1
             if members > MAX_MEMBERS:
-                raise UserError(f"{archive}: refusing to extract, more than {MAX_MEMBERS:,} members")
+                raise _too_many(archive)
             if block[156:157] in EXTENDED_HEADERS and size > MAX_TAR_HEADER:
                 raise UserError(f"{archive}: refusing to extract, an extended header (long name or pax record) of "
                                 f"{size:,} bytes, over {MAX_TAR_HEADER:,}: a malformed or malicious archive")
@@ -166,9 +173,7 @@ def _extract_tar(archive: Path, target: Path, max_bytes: int, max_ratio: float) 
                 raise UserError(f"{archive}: refusing unsafe archive member {m.name[:200]!r} (path escapes the target, "
                                 f"or a link, device or pipe)")
             if m.isfile():
-                if _member_key(m.name) in seen:
-                    raise _listed_twice(archive, m.name)
-                seen.add(_member_key(m.name))
+                _once(archive, m.name, seen)
             total += m.size
             if total > max_bytes:
                 raise _too_big(archive, "uncompressed size", total, max_bytes, "max_bytes")
@@ -210,6 +215,12 @@ def copy_tree(src: Path, dst: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> list[
     drops: list[Drop] = []
     copied = 0
 
+    def too_long(err: OSError, rel: PurePosixPath) -> None:
+        """A path longer than the system allows is a drop; any other error (a full disk, say) is an error."""
+        if err.errno != errno.ENAMETOOLONG:
+            raise err
+        drops.append(Drop(rel.as_posix(), "unreadable", f"a path too long for this system: {err.strerror}"))
+
     def copy(from_path: str | Path, rel: PurePosixPath) -> None:
         nonlocal copied
         out = dst.joinpath(*rel.parts)
@@ -225,9 +236,7 @@ def copy_tree(src: Path, dst: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> list[
             out.unlink(missing_ok=True)
             drops.append(Drop(rel.as_posix(), "unreadable", err.strerror or "permission denied"))
         except OSError as err:
-            if err.errno != errno.ENAMETOOLONG:  # a full disk, say, is an error, not a drop
-                raise
-            drops.append(Drop(rel.as_posix(), "unreadable", f"a path too long for this system: {err.strerror}"))
+            too_long(err, rel)
 
     def walk(folder: Path, rel: PurePosixPath) -> None:
         try:
@@ -256,9 +265,7 @@ def copy_tree(src: Path, dst: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> list[
                 try:
                     dst.joinpath(*r.parts).mkdir(parents=True, exist_ok=True)
                 except OSError as err:
-                    if err.errno != errno.ENAMETOOLONG:
-                        raise
-                    drops.append(Drop(r.as_posix(), "unreadable", f"a path too long for this system: {err.strerror}"))
+                    too_long(err, r)
                     continue
                 walk(Path(e.path), r)
             elif e.is_file(follow_symlinks=False):

@@ -299,18 +299,7 @@ def test_a_huge_tar_long_name_is_refused_before_tarfile_reads_it(tmp_path, fmt):
 @pytest.mark.parametrize("kind", ["zip", "tar.gz"])
 def test_an_archive_of_too_many_members_is_refused(tmp_path, monkeypatch, kind):
     monkeypatch.setattr(download, "MAX_MEMBERS", 5)  # the real cap, 500,000, takes too long to build here
-    arc = tmp_path / f"many.{kind}"
-    names = [f"ds/d{i}/" for i in range(6)]
-    if kind == "zip":
-        with zipfile.ZipFile(arc, "w") as zf:
-            for n in names:
-                zf.writestr(n, b"")
-    else:
-        with tarfile.open(arc, "w:gz") as tf:
-            for n in names:
-                info = tarfile.TarInfo(n)
-                info.type = tarfile.DIRTYPE
-                tf.addfile(info)
+    arc = _archive(tmp_path / f"many.{kind}", kind, [(f"ds/{i}.png", b"") for i in range(6)])
     target = tmp_path / "out"
     target.mkdir()
     with pytest.raises(UserError, match="more than 5 members"):
