@@ -126,7 +126,6 @@ def test_radiography_unknown_class_is_user_error(current_layout):
         sources.radiography(current_layout, ["COVID", "Bacterial"])
 
 
-
 def test_radiography_ignores_linked_class_folders(current_layout, tmp_path):
     # class folders elsewhere, reached through a linked folder and through linked class folders in a real one:
     # sorted before the real dataset folder, they must not pass for the dataset root
@@ -143,6 +142,7 @@ def test_radiography_ignores_linked_class_folders(current_layout, tmp_path):
     links = {d.file for d in drops if d.reason == "link"}
     assert links == {"0link", "0decoy/COVID", "0decoy/Normal"}
     _check_accounting(current_layout, records, [d for d in drops if d.file not in links])
+
 
 # --- ieee8023 covid-chestxray --------------------------------------------------------------------
 
@@ -258,7 +258,6 @@ def test_is_covid_finding(finding, expected):
     assert is_covid_finding(finding) is expected
 
 
-
 # --- demo ----------------------------------------------------------------------------------------
 
 def test_demo_refused_mask_drops_its_image_once_and_empty_file_is_missing(tmp_path):
@@ -349,6 +348,7 @@ def test_unreadable_dvc_config_falls_back_to_the_default_cache(dvc_repo):
     (dvc_repo / ".dvc" / "config").write_bytes(b"[cache]\ndir = \xff\xfe\n")
     sources.dvc_cache_dir.cache_clear()
     assert sources.dvc_cache_dir(str(dvc_repo)) == (dvc_repo / ".dvc" / "cache").resolve()
+
 
 # --- the registry ------------------------------------------------------------------------------
 
