@@ -1,5 +1,6 @@
 """`dvc status` tells the truth only if every file a stage's code imports is a declared dep: each stage's
-transitive imports inside `cxr/`, computed from the source, must be listed in dvc.yaml."""
+transitive imports inside `cxr/`, computed from the source, must be listed in dvc.yaml, and only those (an
+extra one reruns the stage for nothing)."""
 from __future__ import annotations
 
 import ast
@@ -65,8 +66,32 @@ def test_every_imported_project_file_is_a_declared_dep(name):
     script = script if script.endswith(".py") else script.replace(".", "/") + ".py"
     deps = {d if isinstance(d, str) else next(iter(d)) for d in stage.get("deps", [])}
     assert script in deps, f"{name}: its own script {script} is not a dep"
-    missing = transitive_imports(ROOT / script) - deps
+    imported = transitive_imports(ROOT / script)
+    missing = imported - deps
     assert not missing, f"stage {name} imports {sorted(missing)} but dvc.yaml does not list them as deps"
+    # and no more: a project file the stage never imports only makes it rerun for nothing
+    unused = {d for d in deps if d.endswith(".py") and d != script} - imported
+    assert not unused, f"stage {name} lists {sorted(unused)} as deps but never imports them"
+
+
+def test_project_code_imports_only_in_ways_the_dep_check_sees():
+    # `import cxr` then `cxr.x.f()`, importlib, __import__ or `from stages import ...` would load project files the
+    # walk above cannot name; no stage's code uses them (the `python -m cxr` CLI does, and no stage imports it)
+    scripts = {stage["cmd"].split()[-1].replace(".", "/") + ".py" for stage in STAGES.values()}
+    reached = scripts.union(*(transitive_imports(ROOT / s) for s in scripts))
+    assert "cxr/__main__.py" not in reached
+    for path in sorted(ROOT / r for r in reached):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Import):
+                assert not any(a.name in ("cxr", "stages", "importlib") or a.name.startswith(("stages.", "importlib."))
+                               for a in node.names), where
+            elif isinstance(node, ast.ImportFrom):
+                assert not (node.module or "").startswith(("stages", "importlib")), where
+                assert not (node.level and path.parent.name == "stages"), where
+            elif isinstance(node, ast.Name):
+                assert node.id != "__import__", where
 
 
 def test_both_models_are_registered_artifacts_labelled_with_arch_and_dataset():

@@ -79,8 +79,7 @@ class Reads:
                 return self.block(module, stmt.body, env)
             if branch is False:
                 return self.block(module, stmt.orelse, env)
-            self.block(module, stmt.body, env)
-            self.block(module, stmt.orelse, env)
+            self.branches(module, [stmt.body, stmt.orelse], env)
         elif isinstance(stmt, ast.Assign):
             pairs = isinstance(stmt.value, ast.Tuple) and all(isinstance(t, ast.Tuple) for t in stmt.targets)
             value = None if pairs else self.value(module, stmt.value, env)
@@ -88,16 +87,44 @@ class Reads:
                 self.bind(module, target, stmt.value, value, env)
         elif isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             self.block(module, stmt.body, env)          # nested code runs with the enclosing names
+        elif isinstance(stmt, ast.Try):
+            self.branches(module, [stmt.body + stmt.orelse, *(h.body for h in stmt.handlers)], env)
+            for handler in stmt.handlers:
+                if handler.type is not None:
+                    self.use(module, handler.type, env)
+            self.block(module, stmt.finalbody, env)
         else:
             for child in ast.iter_child_nodes(stmt):
                 if isinstance(child, ast.stmt):
                     self.statement(module, child, env)
                 elif isinstance(child, ast.expr):
                     self.use(module, child, env)
+                elif isinstance(child, ast.withitem):           # with opened(path, cfg) as f: ...
+                    self.use(module, child.context_expr, env)
             return isinstance(stmt, (ast.Return, ast.Raise))
         return False
 
+    def branches(self, module, bodies, env) -> None:
+        """Alternative blocks (an undecided if's two, a try's body and its handlers), each walked from the same
+        names; a name the blocks leave bound differently is a value that may be either, so a params value among
+        them is read whole and the name is forgotten."""
+        ends = []
+        for body in bodies:
+            branch = dict(env)
+            self.block(module, body, branch)
+            ends.append(branch)
+        for name in set(env).union(*ends):
+            values = [e.get(name) for e in (env, *ends)]
+            if any(v != values[0] for v in values):
+                for v in values:
+                    if v and v[0] == "key":
+                        self.keys.add(v[1])
+                env.pop(name, None)
+        return False
+
     def bind(self, module, target, node, value, env):
+        if isinstance(target, (ast.Subscript, ast.Attribute)):
+            self.use(module, target, env, skip_self=True)   # inside[box_slices(size, box)] = ...: its calls run
         if isinstance(target, ast.Name):
             if value is not None:
                 env[target.id] = value
@@ -164,6 +191,8 @@ class Reads:
                     return ("key", base[1] + (node.args[0].value,))
                 self.keys.add(base[1])                  # p.items(), cfg.copy(), ...: read whole
                 return None
+        if isinstance(func, ast.Call):                  # Dropout(rate)(x): the inner call runs first
+            self.value(module, func, env)
         target = self.resolve(module, func)
         if target == ("cxr.params", "load"):
             return ("key", ())
@@ -298,3 +327,37 @@ def test_each_way_of_reading_a_key_is_seen():
     assert undeclared(_synthetic(code, lib), ["dataset", "datasets.${dataset}", "finetune", "model", "clean", "evaluate",
                                               "download", "runtime.xla"]) == set()
     assert undeclared(_synthetic(code, lib), ["finetune.alpha", "evaluate.x"]) >= {"finetune.beta", "evaluate"}
+
+
+def test_reads_in_every_kind_of_statement_are_seen():
+    # each of these was once invisible to the walk (checked against the earlier version of Reads)
+    lib = """
+        def build(weights, rate):
+            if rate > 1:
+                weights = "none"            # rebinds the name in one branch only: the key was read before that
+            return Dropout(rate)(weights)   # a call on a call's result: both calls' arguments run
+
+        def opened(entry, cfg):
+            return cfg
+
+        def slices(box):
+            return box
+    """
+    code = """
+        from cxr import params
+        from cxr.lib import build, opened, slices
+
+        def main():
+            p = params.load()
+            build(p["model"]["weights"], p["model"]["dropout"])
+            with opened("x", p["download"]) as f:
+                pass
+            inside = {}
+            inside[slices(p["external"]["probes"]["box"])] = True
+            try:
+                pass
+            except OSError:
+                print(p["external"]["missing"])
+    """
+    assert _synthetic(code, lib) == {"model.weights", "model.dropout", "download", "external.probes.box",
+                                     "external.missing"}
