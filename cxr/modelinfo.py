@@ -44,23 +44,38 @@ def save(model, path: Path, info: dict) -> None:
     atomic.write_json(info_path(path), info)
 
 
-def fingerprint(init: str) -> dict:
-    """The record `train` depends on for `model.init`: the file's path, size and sha256 (so a changed source
-    model reruns training), or none."""
+def _sha256(*paths: Path) -> str:
+    """One sha256 over the files' contents, read in chunks."""
     import hashlib
 
-    if init == "none":
-        return {"init": "none"}
-    path = Path(init).expanduser()
-    check_model_file(path)
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    side = info_path(path)
-    if side.is_file():
-        digest.update(side.read_bytes())
-    return {"init": str(path), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(init: str, weights: str = "imagenet") -> dict:
+    """The record `train` depends on for the files params `model` names outside the project: `model.init`'s
+    model (path, size and sha256 of it and its sidecar, so a changed source model reruns training, or none) and,
+    where `model.weights` is a local file, that file's (so replacing it at the same path reruns training too;
+    `imagenet` and `none` are params values that DVC sees already, and add nothing)."""
+    if init == "none":
+        record: dict = {"init": "none"}
+    else:
+        path = Path(init).expanduser()
+        check_model_file(path)
+        side = info_path(path)
+        record = {"init": str(path), "bytes": path.stat().st_size,
+                  "sha256": _sha256(path, *([side] if side.is_file() else []))}
+    if weights not in ("imagenet", "none"):
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise UserError(f"model.weights: {weights} is not a file (use imagenet, none, or a path to the backbone's "
+                            "weights, include_top=False)")
+        record["weights"] = {"path": str(path), "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return record
 
 
 def check_model_file(model_path: Path) -> None:

@@ -2,8 +2,9 @@
 a fingerprint of its files) -> data/source.json. It runs on every `dvc repro` (always_changed: DVC cannot see an
 environment variable or files outside the project); `download` depends on the record, so it reruns only when the
 origin or the local copy changed. Likewise for the external validation sets (params `external.sets`):
-data/external.json records where each one's data is, and `external` depends on it; and for the model
-`model.init` starts from: data/init.json fingerprints it, and `train` depends on that."""
+data/external.json records where each one's data is, and `external` depends on it; and for the files params
+`model` names (the model `model.init` starts from, a local `model.weights` file): data/init.json fingerprints
+them, and `train` depends on that."""
 import logging
 
 from cxr import atomic, modelinfo, params, paths, sources
@@ -19,7 +20,7 @@ def main() -> None:
     ds = params.dataset(p)
     record = origin(ds["name"], ds)
     atomic.write_json(paths.SOURCE, record)
-    atomic.write_json(paths.INIT, modelinfo.fingerprint(p["model"]["init"]))
+    atomic.write_json(paths.INIT, modelinfo.fingerprint(p["model"]["init"], p["model"]["weights"]))
     atomic.write_json(paths.EXTERNAL_SOURCE, {e["name"]: external_origin(e) for e in p["external"]["sets"]})
     log.info("%s: %s%s", ds["name"], record["origin"], f" {record['path']} ({record['files']} files)" if "path" in record else "")
 

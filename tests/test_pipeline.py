@@ -160,6 +160,29 @@ def test_model_init_transfers_and_a_changed_source_model_reruns_training(demo_co
     assert sorted(ran_stages(dvc(demo_copy, "repro").stdout)) == everything_after_train
 
 
+@pytest.mark.slow
+def test_a_replaced_local_weights_file_reruns_training(demo_copy):
+    """model.weights naming a local file: the `source` stage fingerprints it too (data/init.json), so writing
+    other weights to the same path makes `dvc status` report train, and an unchanged file does not."""
+    import keras
+
+    from cxr import models
+
+    def write_weights(seed: int) -> None:
+        keras.utils.set_random_seed(seed)
+        models.backbone("mobilenetv2", 64, "none", alpha=0.35).save_weights(demo_copy / "start.weights.h5")
+
+    write_weights(0)
+    set_params(demo_copy / "params.yaml", {"model.weights": "start.weights.h5"})
+    assert "train" in ran_stages(dvc(demo_copy, "repro", "train").stdout)
+    assert "weights" in json.loads((demo_copy / "data/init.json").read_text())
+    assert ran_stages(dvc(demo_copy, "repro", "train").stdout) == []
+    write_weights(1)                                   # the same path, other weights
+    dvc(demo_copy, "repro", "source")
+    assert "train" in dvc(demo_copy, "status", "train").stdout
+    assert "train" in ran_stages(dvc(demo_copy, "repro", "train").stdout)
+
+
 def test_finetuned_model_beats_chance_and_the_baseline(demo_repo):
     m = json.loads((demo_repo / "reports/evaluate/finetuned.json").read_text())
     base = json.loads((demo_repo / "reports/evaluate/baseline.json").read_text())

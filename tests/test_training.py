@@ -135,6 +135,20 @@ def test_model_init_fingerprint_follows_the_file(tmp_path):
     assert modelinfo.fingerprint(str(path))["sha256"] != first["sha256"]
     with pytest.raises(UserError):
         modelinfo.fingerprint(str(tmp_path / "missing.keras"))
+    # a local model.weights file is fingerprinted beside it; imagenet and none are params values, nothing to add
+    assert modelinfo.fingerprint("none", "imagenet") == modelinfo.fingerprint("none", "none") == {"init": "none"}
+    weights = tmp_path / "backbone.weights.h5"
+    models.backbone("mobilenetv2", 32, "none", alpha=0.35).save_weights(weights)
+    record = modelinfo.fingerprint("none", str(weights))
+    assert record["weights"]["bytes"] == weights.stat().st_size and record == modelinfo.fingerprint("none", str(weights))
+    with open(weights, "r+b") as f:                    # the same size, other content
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    assert modelinfo.fingerprint("none", str(weights))["weights"]["sha256"] != record["weights"]["sha256"]
+    with pytest.raises(UserError, match="model.weights"):
+        modelinfo.fingerprint("none", str(tmp_path / "missing.weights.h5"))
 
 
 def test_unfreeze_from_a_block_keeps_batchnorm_frozen_for_pretrained_weights():
