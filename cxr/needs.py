@@ -3,14 +3,18 @@ CXR_DATA_DIR, or Kaggle) and the backbone's ImageNet weights (in Keras' cache, o
 missing one named in one error, instead of the first one failing its stage minutes into a run.
 
 The `check` stage runs this first in `dvc repro` and `dvc exp run` (see dvc.yaml), and `python -m cxr check`
-any time. No TensorFlow: it takes a second (plus a network probe for what is not on this machine yet).
+any time. No TensorFlow: it takes a second (plus a network probe for what is not on this machine yet). It also
+refuses a `finetune.unfreeze_from` the backbone does not have (another architecture's block), which params.yaml's
+own checks cannot see without building the model.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from . import download, network, params, paths, sources, weights
@@ -97,9 +101,31 @@ def check(ds: dict, model: dict, image_size: int) -> list[Need]:
     return found
 
 
+BACKBONE_LAYERS = Path(__file__).with_name("backbone_layers.json")  # every backbone's layer names, as Keras builds them
+BLOCK = re.compile(r"(block_\d+|block\d+[a-z]|conv\d+_block\d+)_")    # MobileNetV2, EfficientNet, ResNet/DenseNet blocks
+
+
+def unfreeze_problem(arch: str, start: str) -> str | None:
+    """Why `finetune.unfreeze_from` names nothing in backbone `arch` (what models.first_trainable_layer looks for:
+    a layer of that name, or a block whose layers start with it and `_`), or None. From the layer names in
+    backbone_layers.json, so the default `block_13` (MobileNetV2's) is refused for another `model.arch` before
+    train spends its time, not when finetune starts."""
+    if start == "all":
+        return None
+    names = json.loads(BACKBONE_LAYERS.read_text(encoding="utf-8"))[arch]
+    if any(n == start or n.startswith(start + "_") for n in names):
+        return None
+    blocks = list(dict.fromkeys(m.group(1) for m in map(BLOCK.match, names) if m))
+    return (f"params.yaml: finetune.unfreeze_from={start} names no layer or block of model.arch={arch}; set it to one "
+            f"of its blocks (the last ones are {', '.join(blocks[-5:])}) or a layer name, or to all")
+
+
 def check_params() -> list[Need]:
-    """check() for params.yaml (validated in full first)."""
+    """check() for params.yaml (validated in full first, `finetune.unfreeze_from` against `model.arch` too)."""
     p = params.load(sources=sources.SOURCES)
+    problem = unfreeze_problem(p["model"]["arch"], p["finetune"]["unfreeze_from"])
+    if problem:
+        raise UserError(problem)
     return check(params.dataset(p), p["model"], p["clean"]["image_size"])
 
 

@@ -111,6 +111,44 @@ def test_check_offline_lists_both_needs_at_once(tmp_path, command):
     assert errors[0].count("connection refused") == 2
 
 
+@pytest.mark.parametrize("arch, blocks", [("efficientnetb0", "block6d, block7a"), ("resnet50", "conv5_block2, conv5_block3"),
+                                          ("densenet121", "conv5_block15, conv5_block16")])
+def test_another_backbone_with_mobilenets_block_is_refused_before_train(tmp_path, arch, blocks):
+    """The default finetune.unfreeze_from (MobileNetV2's block_13) with another model.arch: the check stage (the
+    first a full `dvc repro` runs) refuses it in one line naming both keys and that backbone's last blocks, where
+    finetune would find out only after train; a block of that backbone, or all, passes."""
+    tree = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    tree["model"]["arch"] = arch
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
+    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+    proc = subprocess.run([sys.executable, "-m", "stages.check"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr
+    assert errors[0].startswith(f"error: params.yaml: finetune.unfreeze_from=block_13 names no layer or block of "
+                                f"model.arch={arch}; set it to one of its blocks (the last ones are "), errors[0]
+    assert errors[0].endswith(f"{blocks}) or a layer name, or to all"), errors[0]
+    for start in (blocks.split(", ")[0], "all", f"{blocks.split(', ')[0]}_1" if arch != "efficientnetb0" else "block6d_se"):
+        assert needs.unfreeze_problem(arch, start) is None, start
+    for start in ("block_13", "block_1", "Conv_1"):
+        assert needs.unfreeze_problem("mobilenetv2", start) is None, start
+    assert needs.unfreeze_problem("mobilenetv2", "block_17") is not None
+    assert needs.unfreeze_problem("mobilenetv2", "block_1_expand_B") is not None   # a layer's prefix, not a block
+
+
+def test_the_backbone_layer_table_is_what_keras_builds():
+    """backbone_layers.json, which the check reads instead of building models, against keras.applications (a
+    fresh process: Keras numbers unnamed layers per session). On a mismatch, regenerate it with that code."""
+    code = ("import json, cxr.quiet; from cxr import models; print(json.dumps({a: [l.name for l in "
+            "models.backbone(a, 224, 'none').layers[1:]] for a in ('mobilenetv2', 'efficientnetb0', 'resnet50', 'densenet121')}))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    built = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert built == json.loads(needs.BACKBONE_LAYERS.read_text())
+    assert set(built) == set(params.ARCHS)
+
+
 def test_download_reads_no_model_params_and_the_check_writes_nothing():
     """The design that keeps reruns down: `download` would rerun on every model.* change if it checked the
     weights itself; the `check` stage has no outputs, so no stage depends on it and it never reruns another."""
