@@ -410,7 +410,8 @@ def class_folders(raw: Path) -> tuple[list[Record], list[Drop]]:
 
 # --- the registry -------------------------------------------------------------------------------
 
-KAGGLE_HANDLE = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# owner/name (Kaggle's latest version, which DVC cannot see change), or owner/name/versions/N (pinned)
+KAGGLE_HANDLE = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(/versions/[1-9][0-9]*)?")
 
 
 class Source:
@@ -426,7 +427,7 @@ class Source:
         if not self.generated:
             handle = params.get(p, f"{key}.kaggle")
             if not isinstance(handle, str) or not KAGGLE_HANDLE.fullmatch(handle):
-                params.fail(f"{key}.kaggle", "a Kaggle dataset handle owner/name", handle)
+                params.fail(f"{key}.kaggle", "a Kaggle dataset handle owner/name or owner/name/versions/N", handle)
 
     def records(self, raw: Path, ds: dict) -> tuple[list[Record], list[Drop]]:
         """Records and drops for the files in `raw` (`ds`: the source's params block)."""

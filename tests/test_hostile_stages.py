@@ -227,6 +227,7 @@ def test_unknown_key_without_a_near_one_lists_the_valid_ones(tmp_path, base):
     ("datasets.covid-radiography.classes", ["COVID", "Normal", "Pneumothorax"]),
     ("datasets.demo.classes", ["COVID", "Normal", "Lung_Opacity"]),
     ("datasets.covid-radiography.kaggle", "not a handle"),
+    ("datasets.covid-radiography.kaggle", "owner/name/versions/latest"),
     ("download.max_ratio", 0.5),
     ("download.max_bytes", 0),
     ("clean.min_side", 0),
@@ -238,6 +239,13 @@ def test_data_params_are_checked_before_any_stage_runs(tmp_path, base, key, valu
     _set(tree, key, value)
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         _load(tmp_path, tree)
+
+
+def test_a_kaggle_version_can_be_pinned(tmp_path, base):
+    # owner/name/versions/N: a new Kaggle version is then a params change DVC sees (kagglehub fetches that one)
+    tree = copy.deepcopy(base)
+    tree["datasets"]["covid-radiography"]["kaggle"] = "tawsifurrahman/covid19-radiography-database/versions/5"
+    _load(tmp_path, tree)
 
 
 def test_radiography_class_names_compare_loosely(tmp_path, base):
