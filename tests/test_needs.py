@@ -149,6 +149,24 @@ def test_the_backbone_layer_table_is_what_keras_builds():
     assert set(built) == set(params.ARCHS)
 
 
+def test_the_check_and_finetune_accept_the_same_unfreeze_from():
+    """The rule is written twice: on the table here (no TensorFlow in the check) and on the built backbone in
+    models.first_trainable_layer; for every block of every backbone, some layer names and some names that are
+    neither, both must agree."""
+    from cxr import models
+
+    for arch, names in json.loads(needs.BACKBONE_LAYERS.read_text()).items():
+        net = models.backbone(arch, 224, "none")
+        blocks = {m.group(1) for m in map(needs.BLOCK.match, names) if m}
+        for start in sorted(blocks) + names[-3:] + ["all", "block_13", "conv5_block1", "block6a", "block_1_expand_B", "nope"]:
+            try:
+                models.first_trainable_layer(net, start)
+                built = True
+            except UserError:
+                built = False
+            assert (needs.unfreeze_problem(arch, start) is None) == built, (arch, start)
+
+
 def test_download_reads_no_model_params_and_the_check_writes_nothing():
     """The design that keeps reruns down: `download` would rerun on every model.* change if it checked the
     weights itself; the `check` stage has no outputs, so no stage depends on it and it never reruns another."""
