@@ -58,3 +58,42 @@ class RandomAffine(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "rotation": self.rotation, "translation": self.translation, "zoom": self.zoom,
                 "flip": self.flip, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="cxr")
+class OutsideFill(keras.layers.Layer):
+    """Per image, with probability `rate`: every pixel outside `box` (x0, y0, x1, y1 as fractions of the width
+    and height, the region where the lungs of a padded frontal radiograph lie) replaced by the image's own
+    mean gray level, the same fill as the lungs-only shortcut probe. Text, markers, borders and devices around
+    the chest then carry no label on those images, so the classes must be told apart by the lungs. Identity at
+    inference. Input (B, H, W, C), channels last."""
+
+    def __init__(self, rate: float = 0.0, box=(0.15, 0.15, 0.85, 0.85), seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.rate, self.box, self.seed = float(rate), [float(v) for v in box], seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=True):
+        if not training or not self.rate:
+            return images
+        ops = keras.ops
+        shape = ops.shape(images)
+        b, h, w = shape[0], shape[1], shape[2]
+        x0, y0, x1, y1 = self.box
+        # the probes' rows round(y0 * h) .. round(y1 * h) - 1, likewise columns (cxr.probes.box_slices)
+        rows = ops.cast(ops.arange(h), "float32")[:, None]
+        cols = ops.cast(ops.arange(w), "float32")[None, :]
+        hf, wf = ops.cast(h, "float32"), ops.cast(w, "float32")
+        inside = ((rows >= ops.round(y0 * hf)) & (rows < ops.round(y1 * hf))
+                  & (cols >= ops.round(x0 * wf)) & (cols < ops.round(x1 * wf)))
+        chosen = keras.random.uniform((b,), 0.0, 1.0, seed=self.generator) < self.rate
+        fill = chosen[:, None, None, None] & ~inside[None, :, :, None]
+        x = ops.cast(images, "float32")
+        mean = ops.mean(x, axis=(1, 2, 3), keepdims=True)
+        return ops.cast(ops.where(fill, mean, x), self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "box": self.box, "seed": self.seed}

@@ -202,15 +202,28 @@ def load_splits(classes: list[str], clean_dir: Path = paths.CLEAN, split_csv: Pa
     return out
 
 
-def augmenter(cfg: dict, seed: int):
+def outside_fill_rate(share: float, views: int = 0) -> float:
+    """The share of the augmented images whose surround is filled so that `share` of all training samples
+    have it filled (params train.augment.outside_lungs): all of them are augmented on the fly (views 0), but
+    with cached views one view in views + 1 is the un-augmented image, so the rate is share * (views + 1) /
+    views (params keep it at most 1)."""
+    return min(1.0, share * (views + 1) / views) if views else share
+
+
+def augmenter(cfg: dict, seed: int, views: int = 0):
     """Light, anatomy-preserving augmentation (params train.augment) as one Keras layer, or None when every
-    setting is off: the exposure changes first (Keras' RandomBrightness and RandomContrast on 0..255, clipped),
-    then augment.RandomAffine; identity outside training."""
+    setting is off: augment.OutsideFill first (the surround of the lung box filled on the share of training
+    samples `outside_lungs`; `views`: the cached augmented views per image, see outside_fill_rate), then the
+    exposure changes (Keras' RandomBrightness and RandomContrast on 0..255, clipped), then
+    augment.RandomAffine; identity outside training."""
     import keras
 
-    from .augment import RandomAffine
+    from .augment import OutsideFill, RandomAffine
 
     layers = []
+    if cfg.get("outside_lungs"):
+        layers.append(OutsideFill(outside_fill_rate(cfg["outside_lungs"], views), cfg["lung_box"], seed=seed + 3,
+                                  name="outside_lungs"))
     if cfg.get("brightness"):
         layers.append(keras.layers.RandomBrightness(cfg["brightness"], value_range=(0, 255), seed=seed + 1, name="brightness"))
     if cfg.get("contrast"):

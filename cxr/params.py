@@ -79,6 +79,15 @@ def _float(tree, key, lo=None, hi=None, lo_open=False, hi_open=False) -> float:
     return v
 
 
+def _box(tree, key) -> list[float]:
+    box = _get(tree, key)
+    if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, numbers.Real) and not isinstance(v, bool)
+                                                            and 0 <= v <= 1 for v in box)
+            and box[0] < box[2] and box[1] < box[3]):
+        _fail(key, "[x0, y0, x1, y1], fractions of the image with x0 < x1 and y0 < y1", box)
+    return box
+
+
 def _bool(tree, key) -> bool:
     v = _get(tree, key)
     if not isinstance(v, bool):
@@ -195,6 +204,11 @@ def _validate(p: dict, sources: dict | None) -> None:
     _bool(p, "train.augment.flip")
     _float(p, "train.augment.brightness", 0, 0.5)
     _float(p, "train.augment.contrast", 0, 0.9)
+    share, views = _float(p, "train.augment.outside_lungs", 0, 1), _get(p, "finetune.views")
+    if isinstance(views, int) and views > 0 and share > views / (views + 1):
+        _fail("train.augment.outside_lungs", f"at most {views}/{views + 1} = {views / (views + 1):.3g} with finetune.views: "
+              f"{views} (one cached view in {views + 1} is the whole, un-augmented image)", share)
+    _box(p, "train.augment.lung_box")
     _bool(p, "runtime.mixed_precision")
     _bool(p, "runtime.xla")
     _choice(p, "runtime.distribute", ("auto", "all", "none"))
@@ -294,11 +308,7 @@ def _check_external(p: dict, ds: str, sources: dict | None) -> None:
                     _fail(f"{key}.{k}", f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}", v)
             if ds == "demo" and entry["seed"] == _get(p, "datasets.demo.seed"):
                 _fail(f"{key}.seed", "a seed other than datasets.demo.seed (the training data's)", entry["seed"])
-    box = _get(p, "external.probes.box")
-    if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, numbers.Real) and not isinstance(v, bool)
-                                                            and 0 <= v <= 1 for v in box)
-            and box[0] < box[2] and box[1] < box[3]):
-        _fail("external.probes.box", "[x0, y0, x1, y1], fractions of the image with x0 < x1 and y0 < y1", box)
+    _box(p, "external.probes.box")
     fill = _get(p, "external.probes.fill")
     if fill != "mean" and (isinstance(fill, bool) or not isinstance(fill, numbers.Integral) or not 0 <= fill <= 255):
         _fail("external.probes.fill", "mean or a gray level in [0, 255]", fill)

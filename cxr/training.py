@@ -426,7 +426,7 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
     bs = cfg["batch_size"] * devices.replicas
     tr, va = splits["train"], splits["val"]
     k = len(classes)
-    aug = data.augmenter(p["train"]["augment"], cfg["seed"])
+    aug = data.augmenter(p["train"]["augment"], cfg["seed"], cfg["views"])
     onehot = np.eye(k, dtype=np.float32)[tr.labels]
     class_weight = class_weights(tr.labels, k, p["train"]["class_weight"])
     with devices.scope():

@@ -62,6 +62,36 @@ def test_exposure_augmentation_shifts_and_stretches_each_image_within_0_255():
     assert [layer.name for layer in both.layers] == ["brightness", "contrast", "affine"]
 
 
+def test_outside_fill_blanks_the_surround_of_the_lung_box_on_its_share_of_images_as_the_lungs_only_probe_does():
+    from cxr import probes
+    x = np.random.default_rng(2).integers(0, 256, (64, 30, 40, 1)).astype(np.float32)
+    box = [0.15, 0.2, 0.85, 0.8]
+    inside = probes.box_mask((30, 40), box)
+    always = augment.OutsideFill(1.0, box, seed=0)
+    np.testing.assert_array_equal(backend.to_numpy(always(x, training=False)), x)   # identity at inference
+    filled = backend.to_numpy(always(x, training=True))
+    np.testing.assert_array_equal(filled[:, inside], x[:, inside])                   # the lungs untouched
+    # the surround is the image's own mean gray, the lungs-only probe's fill (which rounds it to a gray level)
+    probe = probes.occlude(x[..., 0].astype(np.uint8), inside, "mean", "outside")
+    np.testing.assert_allclose(filled[..., 0][:, ~inside], probe[:, ~inside], atol=0.5)
+    np.testing.assert_allclose(filled[:, ~inside], np.broadcast_to(x.mean(axis=(1, 2, 3))[:, None, None], filled[:, ~inside].shape),
+                               rtol=1e-5)
+    half = backend.to_numpy(augment.OutsideFill(0.5, box, seed=1)(x, training=True))
+    changed = (half != x).reshape(64, -1).any(axis=1)
+    assert 16 <= changed.sum() <= 48                                                   # about half the images
+    np.testing.assert_array_equal(half[changed][:, ~inside], filled[changed][:, ~inside])
+    np.testing.assert_array_equal(half[~changed], x[~changed])
+    again = backend.to_numpy(augment.OutsideFill(0.5, box, seed=1)(x, training=True))
+    np.testing.assert_array_equal(again, half)                                         # seeded
+    clone = augment.OutsideFill.from_config(augment.OutsideFill(0.5, box, seed=1).get_config())
+    assert (clone.rate, clone.box, clone.seed) == (0.5, box, 1)
+    off = {"rotation": 0, "translation": 0, "zoom": 0, "flip": False, "lung_box": box}
+    assert data.augmenter({**off, "outside_lungs": 0.0}, 0) is None
+    assert data.augmenter({**off, "outside_lungs": 0.3}, 0).name == "outside_lungs"
+    both = data.augmenter({**off, "outside_lungs": 0.3, "rotation": 0.03, "brightness": 0.1}, 0)
+    assert [layer.name for layer in both.layers] == ["outside_lungs", "brightness", "affine"]
+
+
 def test_random_affine_flips_zooms_and_rotates_about_the_centre():
     x = np.random.default_rng(1).uniform(0, 255, (16, 20, 20, 1)).astype(np.float32)
     flipped = backend.to_numpy(augment.RandomAffine(flip=True, seed=3)(x))
@@ -90,7 +120,7 @@ def test_random_affine_compiles_inside_a_jax_training_step(tmp_path):
         model = keras.Sequential([keras.Input((16, 16, 1)), keras.layers.Conv2D(2, 3), keras.layers.GlobalAveragePooling2D(),
                                   keras.layers.Dense(2, activation="softmax")])
         aug = data.augmenter({"rotation": 0.03, "translation": 0.05, "zoom": 0.1, "flip": True, "brightness": 0.1,
-                              "contrast": 0.2}, 0)
+                              "contrast": 0.2, "outside_lungs": 0.5, "lung_box": [0.15, 0.15, 0.85, 0.85]}, 0)
         trained = training.augmented(model, aug)
         trained.compile(optimizer="adam", loss="categorical_crossentropy", jit_compile=True)
         x = np.random.default_rng(0).integers(0, 256, (20, 16, 16), dtype=np.uint8)
@@ -98,7 +128,7 @@ def test_random_affine_compiles_inside_a_jax_training_step(tmp_path):
         trained.fit(data.batches(x, y, 8, shuffle=True), epochs=1, verbose=0)
         print(trained.jit_compile, len(trained.layers))
     """)
-    # compiled, exposure layers included: Keras' own random affine layers would make it fall back to eager
+    # compiled, exposure and surround layers included: Keras' own random affine layers would make it fall back to eager
     assert out.split() == ["True", "3"]
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxr import params, sources
+from cxr import data, params, sources
 from cxr.errors import UserError
 
 REAL = Path(__file__).resolve().parent.parent / "params.yaml"
@@ -67,6 +67,11 @@ def test_round_trip_copy_is_valid(tmp_path, base):
     ("train.l2", -0.1, "train.l2"),
     ("train.augment.brightness", 0.6, "train.augment.brightness"),
     ("train.augment.contrast", -0.1, "train.augment.contrast"),
+    ("train.augment.outside_lungs", 1.5, "train.augment.outside_lungs"),
+    ("train.augment.outside_lungs", "yes", "train.augment.outside_lungs"),
+    ("train.augment.lung_box", [0.8, 0.1, 0.2, 0.9], "train.augment.lung_box"),
+    ("train.augment.lung_box", [0.1, 0.1, 0.9], "train.augment.lung_box"),
+    ("train.augment.lung_box", _DELETE, "train.augment.lung_box"),
     ("finetune.unfreeze_from", 30, "finetune.unfreeze_from"),
     ("finetune.unfreeze_from", "", "finetune.unfreeze_from"),
     ("finetune.views", -1, "finetune.views"),
@@ -101,6 +106,24 @@ def test_bad_value_names_its_key(tmp_path, base, key, value, named):
     assert named in str(info.value)
     if value is _DELETE:
         assert "missing" in str(info.value)
+
+
+def test_outside_lungs_is_a_share_of_training_samples_that_cached_views_bound(tmp_path, base):
+    """With cached views one view in views + 1 is the whole image, so at most views / (views + 1) of the
+    samples can have their surround filled; augmented on the fly (views 0), any share up to 1."""
+    tree = copy.deepcopy(base)
+    _set(tree, "finetune.views", 3)
+    _set(tree, "train.augment.outside_lungs", 0.8)
+    with pytest.raises(UserError, match=r"train\.augment\.outside_lungs must be at most 3/4 = 0\.75 with finetune\.views: 3"):
+        params.load(_write(tmp_path, tree))
+    _set(tree, "train.augment.outside_lungs", 0.75)
+    assert params.load(_write(tmp_path, tree))["train"]["augment"]["outside_lungs"] == 0.75
+    _set(tree, "finetune.views", 0)
+    _set(tree, "train.augment.outside_lungs", 1.0)
+    assert params.load(_write(tmp_path, tree))["train"]["augment"]["outside_lungs"] == 1.0
+    # the rate on the augmented images that gives that share of all samples
+    assert data.outside_fill_rate(0.75, 3) == 1.0 and data.outside_fill_rate(0.5, 1) == 1.0
+    assert data.outside_fill_rate(0.3, 2) == pytest.approx(0.45) and data.outside_fill_rate(0.3, 0) == 0.3
 
 
 def test_mixup_without_cached_views_is_refused_up_front(tmp_path, base):
