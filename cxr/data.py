@@ -206,7 +206,7 @@ def outside_fill_rate(share: float, views: int = 0) -> float:
     """The share of the augmented images whose surround is filled so that `share` of all training samples
     have it filled (params train.augment.outside_lungs): all of them are augmented on the fly (views 0), but
     with cached views one view in views + 1 is the un-augmented image, so the rate is share * (views + 1) /
-    views (params keep it at most 1)."""
+    views, at most 1 (every augmented view: views / (views + 1) of the samples)."""
     return min(1.0, share * (views + 1) / views) if views else share
 
 

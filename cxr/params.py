@@ -204,10 +204,7 @@ def _validate(p: dict, sources: dict | None) -> None:
     _bool(p, "train.augment.flip")
     _float(p, "train.augment.brightness", 0, 0.5)
     _float(p, "train.augment.contrast", 0, 0.9)
-    share, views = _float(p, "train.augment.outside_lungs", 0, 1), _get(p, "finetune.views")
-    if isinstance(views, int) and views > 0 and share > views / (views + 1):
-        _fail("train.augment.outside_lungs", f"at most {views}/{views + 1} = {views / (views + 1):.3g} with finetune.views: "
-              f"{views} (one cached view in {views + 1} is the whole, un-augmented image)", share)
+    _float(p, "train.augment.outside_lungs", 0, 1)
     _box(p, "train.augment.lung_box")
     _bool(p, "runtime.mixed_precision")
     _bool(p, "runtime.xla")

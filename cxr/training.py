@@ -427,6 +427,11 @@ def finetune(p: dict, classes: list[str], splits: dict[str, data.Subset], base_m
     tr, va = splits["train"], splits["val"]
     k = len(classes)
     aug = data.augmenter(p["train"]["augment"], cfg["seed"], cfg["views"])
+    share = p["train"]["augment"]["outside_lungs"]
+    if cfg["views"] and share > cfg["views"] / (cfg["views"] + 1):
+        log.warning("train.augment.outside_lungs %g: with finetune.views %d one cached view in %d is the whole image, "
+                    "so every augmented view is filled, %.3g of the samples", share, cfg["views"], cfg["views"] + 1,
+                    cfg["views"] / (cfg["views"] + 1))
     onehot = np.eye(k, dtype=np.float32)[tr.labels]
     class_weight = class_weights(tr.labels, k, p["train"]["class_weight"])
     with devices.scope():

@@ -183,11 +183,12 @@ def test_split_backbone_composes_to_the_backbone():
 
 
 @pytest.mark.slow  # trains for tens of seconds
-def test_finetune_on_cached_views_trains_the_top_blocks_of_the_full_model(tmp_path):
+def test_finetune_on_cached_views_trains_the_top_blocks_of_the_full_model(tmp_path, caplog):
     s = _splits()
     p = _params(**{"finetune.unfreeze_from": "block_15", "finetune.views": 2, "finetune.epochs": 3, "finetune.patience": 3,
-                   "finetune.mixup": 0.4,  # mixup and exposure augmentation too: deterministic as well
-                   "train.augment": {"rotation": 0.03, "translation": 0.05, "zoom": 0.1, "flip": False, "brightness": 0.1, "contrast": 0.2}})
+                   "finetune.mixup": 0.4,  # mixup, exposure augmentation and the surround fill too: deterministic as well
+                   "train.augment": {"rotation": 0.03, "translation": 0.05, "zoom": 0.1, "flip": False, "brightness": 0.1, "contrast": 0.2,
+                                     "outside_lungs": 0.75, "lung_box": [0.15, 0.15, 0.85, 0.85]}})
     model, _ = training.baseline(p, CLASSES, s, _live(tmp_path / "a"))
     path = tmp_path / "baseline.keras"
     training.save(model, path, training.model_info(p, CLASSES, "COVID"))
@@ -196,6 +197,8 @@ def test_finetune_on_cached_views_trains_the_top_blocks_of_the_full_model(tmp_pa
         tuned, summary = training.finetune(p, CLASSES, s, path, _live(tmp_path / f"b{i}"))
         runs.append((summary, tuned))
     summary, tuned = runs[0]
+    # 0.75 of the samples cannot be filled when one view in 3 is the whole image: every augmented view is, and it says so
+    assert "every augmented view is filled, 0.667 of the samples" in caplog.text
     assert summary["epochs_run"] == 3 and summary["monitor"] == "macro_roc_auc"
     assert set(summary["start"]) >= {"val_loss", "val_macro_roc_auc", "val_sensitivity_at_specificity"}
     before, after = model.get_layer("backbone"), tuned.get_layer("backbone")
