@@ -242,7 +242,7 @@ FINETUNE_RECIPE = """
     import keras, numpy as np
     from test_training import CLASSES, _live, _params, _splits
     from cxr import inference, models, training
-    p = _params(**{{"train.augment": {{"rotation": 0, "translation": 0, "zoom": 0, "flip": False, "brightness": 0, "contrast": 0}},
+    p = _params(**{{"train.augment": {{"rotation": 0, "translation": 0, "zoom": 0, "flip": False, "brightness": 0, "contrast": 0, "outside_lungs": 0, "lung_box": [0.15, 0.15, 0.85, 0.85]}},
                     "finetune.epochs": 3, "finetune.warmup_epochs": 1, "finetune.label_smoothing": 0.1,
                     "finetune.learning_rate": 3e-4}})
     s = _splits(n=24)
